@@ -1,0 +1,34 @@
+# One-command entry points. Every target installs into .venv first if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+
+.PHONY: install demo test test-all lint smoke leaderboard regress bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diffbench run --method dense --dataset digits
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check diffprune_bench methods tests benchmarks
+
+smoke: $(STAMP)
+	$(BIN)/diffbench run --method dense --dataset digits --base-steps 100 --num-samples 200 --sample-steps 10 \
+		--results-dir /tmp/diffbench-smoke --cache-dir /tmp/diffbench-smoke-cache
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_base.py

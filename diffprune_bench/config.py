@@ -1,0 +1,154 @@
+"""Run configuration: one dataclass, loadable from YAML, validated with one-line errors.
+
+Every CLI option of ``diffbench run`` is a field here, so a YAML file given with ``--config`` can set
+any of them; the CLI overrides the file. Validation happens once, here, so the rest of the harness can
+trust the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BenchError
+
+DEVICES = ("auto", "cpu", "cuda")
+SPACINGS = ("leading", "trailing", "linspace", "quad")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run; recorded verbatim in ``config.yaml`` beside the record."""
+
+    method: str = "dense"
+    dataset: str = "digits"
+    sparsity: float = 0.0
+    seed: int = 0
+    preset: str | None = None  # None: the dataset's default preset
+    base: str | None = None  # pretrained checkpoint (local dir or hub id); None: train and cache one
+    device: str = "auto"
+    data_root: str | None = None
+    download: bool = False
+    # training budgets: the base (and scratch methods) get base_steps, pretrained methods finetune_steps
+    base_steps: int | None = None
+    finetune_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    ema_decay: float | None = None
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    compile: bool = False
+    # sampling and evaluation protocol
+    sample_steps: int | None = None
+    timestep_spacing: str = "leading"
+    num_samples: int | None = None
+    fid_extractor: str | None = None
+    inception_weights: str | None = None
+    latency_repeats: int = 3
+    latency_batch: int = 16
+    # bookkeeping
+    results_dir: str = "results/runs"
+    cache_dir: str = ".diffbench-cache"
+    run_id: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 500
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> RunConfig:
+        """Raise :class:`BenchError` naming the first bad value and what is allowed."""
+        from .data import dataset_names
+        from .models import preset_names
+        from .registry import get_method_class
+
+        get_method_class(self.method)
+        if self.dataset not in dataset_names():
+            raise BenchError(f"unknown dataset {self.dataset!r}; available: {', '.join(dataset_names())}")
+        if self.preset is not None and self.preset not in preset_names():
+            raise BenchError(f"unknown preset {self.preset!r}; available: {', '.join(preset_names())}")
+        if self.device not in DEVICES:
+            raise BenchError(f"unknown device {self.device!r}; allowed: {', '.join(DEVICES)}")
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+            raise BenchError(f"sparsity {self.sparsity!r} is outside [0, 1)")
+        for name in ("base_steps", "finetune_steps", "sample_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise BenchError(f"{name.replace('_', '-')} {value!r} must be a non-negative integer")
+        for name in ("batch_size", "num_samples", "latency_repeats", "latency_batch", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BenchError(f"{name.replace('_', '-')} {value!r} must be a positive integer")
+        if self.sample_steps == 0:
+            raise BenchError("sample-steps 0 must be a positive integer")
+        if self.lr is not None and not self.lr > 0:
+            raise BenchError(f"lr {self.lr!r} must be positive")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise BenchError(f"ema-decay {self.ema_decay!r} is outside [0, 1)")
+        if self.timestep_spacing not in SPACINGS:
+            raise BenchError(f"unknown timestep spacing {self.timestep_spacing!r}; allowed: {', '.join(SPACINGS)}")
+        if self.precision not in PRECISIONS:
+            raise BenchError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.fid_extractor is not None:
+            from .metrics.fid import extractor_names
+
+            if self.fid_extractor not in extractor_names():
+                raise BenchError(
+                    f"unknown FID extractor {self.fid_extractor!r}; available: {', '.join(extractor_names())}"
+                )
+        if not isinstance(self.method_params, dict):
+            raise BenchError(f"method_params {self.method_params!r} must be a mapping")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise BenchError(f"config file {str(path)!r} is not valid YAML: {error}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise BenchError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return data
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a mapping (YAML, CLI or suite), normalising keys."""
+    normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(normalised) - config_fields())
+    if unknown:
+        raise BenchError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(config_fields()))}")
+    try:
+        config = RunConfig(**normalised)
+    except TypeError as error:
+        raise BenchError(str(error)) from None
+    if isinstance(config.sparsity, int):
+        config.sparsity = float(config.sparsity)
+    return config.validate()
+
+
+def parse_param_overrides(items: list[str]) -> dict[str, Any]:
+    """``["drop_fraction=0.05", "stages=[4:4, 2:4]"]`` -> dict, values parsed as YAML scalars/lists."""
+    result: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise BenchError(f"method parameter {item!r} must look like name=value")
+        key, raw = item.split("=", 1)
+        result[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return result

@@ -1,0 +1,67 @@
+"""What a method may use: :class:`MethodContext` (DESIGN.md section 3), and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .diffusion import diffusion_loss
+
+
+def infinite_batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Endless shuffled image batches (labels dropped), reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        num_workers=0,
+    )
+    while True:
+        for batch in loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            yield images.to(device, non_blocking=True)
+
+
+@dataclass
+class MethodContext:
+    """Handed to every method hook.
+
+    ``loss_fn(model, x0)`` is the harness's diffusion loss with the run's seeded generator;
+    ``count_macs(model)`` is the harness's MAC counter, for methods that must hit a MAC target
+    (structural pruning searches a channel ratio with it); ``score_fid(deployable, n)`` is the harness's
+    FID protocol, for methods whose search needs quality (DDSM); ``teacher`` is a frozen copy of the
+    dense base for pretrained methods (distillation, consistency), ``None`` for scratch ones.
+    """
+
+    device: torch.device
+    sparsity: float
+    total_steps: int
+    batch_size: int
+    seed: int
+    noise_scheduler: DDPMScheduler
+    sample_shape: tuple[int, int, int]
+    sample_steps: int
+    batches: Iterator[torch.Tensor]
+    generator: torch.Generator
+    count_macs: Callable[[nn.Module], float]
+    score_fid: Callable[[Any, int], float] | None = None
+    teacher: nn.Module | None = None
+    progress: Callable[..., Any] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def next_batch(self) -> torch.Tensor:
+        return next(self.batches)
+
+    def loss_fn(self, model: nn.Module, x0: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return diffusion_loss(model, x0, self.noise_scheduler, generator=self.generator, **kwargs)

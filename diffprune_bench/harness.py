@@ -1,0 +1,364 @@
+"""The harness: one loop that runs any method the same way (DESIGN.md section 3).
+
+config -> dataset -> dense base (cached) -> method.prepare -> Trainer -> method.export ->
+evaluate (samples, FID, KID, MACs, params, latency, consistency) -> record. A failure anywhere after
+the run directory exists still writes a record with ``status: failed`` and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import RunConfig
+from .context import MethodContext, infinite_batches
+from .data import DataBundle, get_dataset_spec, image_tensor, load_dataset
+from .diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
+from .errors import BenchError
+from .metrics.consistency import mean_ssim
+from .metrics.fid import (
+    FeatureExtractor,
+    build_extractor,
+    fid_from_features,
+    kid_from_features,
+    reference_stats,
+)
+from .metrics.latency import measure_latency
+from .metrics.macs import COUNTER, count_macs, trajectory_macs
+from .models import build_model, count_params, load_pretrained, weights_hash
+from .registry import Deployable, Method, create_method
+from .results import git_commit, new_run_id, utc_now, write_config, write_record
+from .trainer import Trainer
+
+CONSISTENCY_SAMPLES = 64
+EVAL_NOISE_OFFSET = 10_000  # evaluation noise seed = run seed + offset: never the training stream
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Fill every unset option from the dataset's protocol defaults."""
+    defaults = get_dataset_spec(cfg.dataset).defaults
+    changes = {k: v for k, v in defaults.items() if hasattr(cfg, k) and getattr(cfg, k) is None}
+    return cfg.replace(**changes)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ---------------------------------------------------------------- dense base
+@dataclass
+class BaseModel:
+    model: nn.Module
+    info: dict[str, Any]
+
+
+def base_cache_key(cfg: RunConfig) -> str:
+    """Hash of what determines a trained base: dataset, preset, train budget, seed (and recipe)."""
+    key = {
+        "dataset": cfg.dataset,
+        "preset": cfg.preset,
+        "steps": cfg.base_steps,
+        "batch": cfg.batch_size,
+        "lr": cfg.lr,
+        "ema": cfg.ema_decay,
+        "grad_clip": cfg.grad_clip,
+        "seed": cfg.seed,
+        "recipe": 1,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_context(cfg: RunConfig, data: DataBundle, device: torch.device, total_steps: int, **extra: Any) -> MethodContext:
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return MethodContext(
+        device=device,
+        sparsity=cfg.sparsity,
+        total_steps=total_steps,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        noise_scheduler=make_noise_scheduler(),
+        sample_shape=data.shape,
+        sample_steps=cfg.sample_steps,
+        batches=infinite_batches(data.train, cfg.batch_size, cfg.seed, device),
+        generator=generator,
+        count_macs=lambda model: float(count_macs(model, data.shape).total),
+        **extra,
+    )
+
+
+def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> BaseModel:
+    """The dense base every method starts from: a pretrained checkpoint, or ours, trained once and cached."""
+    if cfg.base:
+        model = load_pretrained(cfg.base, cfg.preset).to(device).eval()
+        return BaseModel(model, {"source": cfg.base, "hash": weights_hash(model), "cached": True, "train": None})
+    key = base_cache_key(cfg)
+    folder = Path(cfg.cache_dir) / "bases" / key
+    if (folder / "base.json").is_file():
+        from diffusers import UNet2DModel
+
+        model = UNet2DModel.from_pretrained(folder / "model").to(device).eval()
+        info = json.loads((folder / "base.json").read_text())
+        return BaseModel(model, {**info, "cached": True})
+    from .registry import get_method_class
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.preset, seed=cfg.seed).to(device)
+    dense = get_method_class("dense")()
+    ctx = make_context(cfg, data, device, cfg.base_steps)
+    trainer = Trainer(model, dense, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                      precision=cfg.precision, description=f"train dense base ({cfg.dataset}/{cfg.preset})")
+    stats = trainer.train()
+    info = {"source": f"trained:{key}", "key": key, "hash": weights_hash(model), "train": stats.as_dict(),
+            "preset": cfg.preset, "dataset": cfg.dataset, "seed": cfg.seed}
+    tmp = folder.with_name(f".{key}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    (tmp / "base.json").write_text(json.dumps(info, indent=2))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process cached the same base first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BaseModel(model.eval(), {**info, "cached": False})
+
+
+# ---------------------------------------------------------------- evaluation
+class Evaluator:
+    """Measures a Deployable under the run's protocol; built once per run, reused for every variant."""
+
+    def __init__(self, cfg: RunConfig, data: DataBundle, device: torch.device, base: BaseModel) -> None:
+        self.cfg, self.data, self.device, self.base = cfg, data, device, base
+        self.extractor: FeatureExtractor = build_extractor(
+            cfg.fid_extractor, cfg.cache_dir, weights=cfg.inception_weights, device=device
+        )
+        self.reference = reference_stats(
+            self.extractor, lambda: image_tensor(data.reference), cfg.cache_dir,
+            {"dataset": data.name, "split": "reference", "resolution": data.resolution, "source": data.source},
+        )
+        floor_images = image_tensor(data.train, limit=cfg.num_samples)
+        self.floor = fid_from_features(self.extractor.features(floor_images), self.reference)
+        self.noise = initial_noise(cfg.num_samples, data.shape, cfg.seed + EVAL_NOISE_OFFSET, device)
+        self._dense_samples: torch.Tensor | None = None
+        self._dense_latency: dict[str, Any] | None = None
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "fid": "clean-fid (uint8 quantisation, clean PIL-bicubic resize when needed)",
+            "extractor": self.extractor.name,
+            "extractor_fingerprint": self.extractor.fingerprint(),
+            "reference": {"dataset": self.data.name, "split": "reference", "images": len(self.data.reference)},
+            "num_samples": self.cfg.num_samples,
+            "sampler": sampler_protocol(self.cfg.sample_steps, self.cfg.timestep_spacing),
+            "fid_floor": self.floor,
+        }
+
+    def sample(self, deployable: Deployable, noise: torch.Tensor, show: bool = False) -> torch.Tensor:
+        progress = (lambda it: tqdm(it, desc="sampling", leave=False)) if show else None
+        return ddim_sample(deployable.module_for_step, noise, self.cfg.sample_steps, self.cfg.timestep_spacing,
+                           progress=progress)
+
+    def score_fid(self, deployable: Deployable, num_samples: int) -> float:
+        """FID of ``num_samples`` samples: what a method's search (DDSM) may call."""
+        samples = self.sample(deployable, self.noise[:num_samples])
+        return fid_from_features(self.extractor.features(samples), self.reference)
+
+    def dense_samples(self) -> torch.Tensor:
+        if self._dense_samples is None:
+            self._dense_samples = self.sample(Deployable(self.base.model), self.noise[:CONSISTENCY_SAMPLES])
+        return self._dense_samples
+
+    def latency(self, deployable: Deployable) -> dict[str, Any]:
+        batch = self.noise[: self.cfg.latency_batch]
+        result = measure_latency(lambda: self.sample(deployable, batch), self.device, self.cfg.latency_repeats)
+        return {**result, "batch": int(batch.shape[0]), "steps": self.cfg.sample_steps}
+
+    def dense_latency(self) -> dict[str, Any]:
+        if self._dense_latency is None:
+            self._dense_latency = self.latency(Deployable(self.base.model))
+        return self._dense_latency
+
+    def evaluate(self, deployable: Deployable, is_baseline: bool, run_dir: Path) -> dict[str, Any]:
+        model = deployable.model
+        model.eval()
+        samples = self.sample(deployable, self.noise, show=True)
+        features = self.extractor.features(samples)
+        save_image((samples[:64] + 1) / 2, run_dir / "samples.png", nrow=8)
+        report = count_macs(model, self.data.shape)
+        steps = self.cfg.sample_steps
+        if deployable.step_modules is not None:
+            traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape)
+        else:
+            traj_dense, traj_effective = report.total * steps, report.effective * steps
+        dense_report = count_macs(self.base.model, self.data.shape)
+        total, nonzero = count_params(model)
+        latency = self.latency(deployable)
+        dense_latency = latency if is_baseline else self.dense_latency()
+        own = samples[:CONSISTENCY_SAMPLES]
+        ssim = 1.0 if is_baseline else mean_ssim(own, self.dense_samples())
+        return {
+            "fid": fid_from_features(features, self.reference),
+            "kid": kid_from_features(features, self.reference, seed=self.cfg.seed),
+            "macs_dense": report.total,
+            "macs_effective": report.effective,
+            "macs_trajectory": traj_dense,
+            "macs_trajectory_effective": traj_effective,
+            "macs_by_family": report.by_family,
+            "macs_base": dense_report.total,
+            "macs_reduction": 1.0 - traj_effective / (dense_report.total * steps),
+            "macs_counter": COUNTER,
+            "params_total": total,
+            "params_nonzero": nonzero,
+            "ssim_to_dense": ssim,
+            "latency": latency,
+            "latency_dense": dense_latency,
+            "speedup": dense_latency["median_s"] / latency["median_s"],
+        }
+
+
+# ---------------------------------------------------------------- one run
+def _save_model(model: nn.Module, folder: Path) -> str:
+    try:
+        model.save_pretrained(folder)
+    except Exception:  # masked / wrapped models: fall back to the raw state dict
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), folder / "state_dict.pt")
+    return str(folder)
+
+
+def _variant_dir(run_dir: Path, label: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)
+    return run_dir.with_name(f"{run_dir.name}-{safe}")
+
+
+def run(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Run one (method, dataset, sparsity, seed) cell; returns its record(s), also written to disk."""
+    cfg = resolve_config(cfg.validate())
+    method: Method = create_method(cfg.method, cfg.method_params)
+    device = select_device(cfg.device)
+    run_id = cfg.run_id or new_run_id(cfg.method, cfg.dataset, cfg.sparsity, cfg.seed)
+    run_dir = Path(cfg.results_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg.to_dict())
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "running",
+        "started_at": utc_now(),
+        "git_commit": git_commit(),
+        "harness_version": __version__,
+        "method": cfg.method,
+        "family": method.family,
+        "init": method.init,
+        "method_params": _params_dict(method),
+        "dataset": cfg.dataset,
+        "preset": cfg.preset,
+        "sparsity": cfg.sparsity,
+        "seed": cfg.seed,
+        "device": {"type": device.type, "name": _device_name(device), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "platform": platform.platform()},
+        "config": cfg.to_dict(),
+        "paths": {"run_dir": str(run_dir)},
+    }
+    try:
+        return _run(cfg, method, device, run_dir, record)
+    except Exception as error:  # noqa: BLE001 - every failure must leave a record
+        record.update(status="failed", finished_at=utc_now(), error=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc(limit=8))
+        write_record(run_dir, record)
+        raise
+
+
+def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, record: dict[str, Any]) -> list[dict]:
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download)
+    base = get_base_model(cfg, data, device)
+    record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train")}
+    evaluator = Evaluator(cfg, data, device, base)
+    record["protocol"] = evaluator.protocol()
+
+    seed_everything(cfg.seed)
+    if method.is_baseline:
+        model, steps = base.model, 0
+    elif method.init == "pretrained":
+        model, steps = copy.deepcopy(base.model).train(), cfg.finetune_steps
+    else:
+        model, steps = build_model(cfg.preset, seed=cfg.seed).to(device), cfg.base_steps
+    teacher = None
+    if method.init == "pretrained" and not method.is_baseline:
+        teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
+    ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator.score_fid,
+                       progress=lambda it, **kw: tqdm(it, leave=False, **kw))
+    model = method.prepare(model, ctx)
+    if method.is_baseline:
+        train_cost = base.info.get("train") or {}
+    else:
+        trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                          precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
+                          checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                          description=f"{cfg.method} s={cfg.sparsity:g}")
+        train_cost = trainer.train().as_dict()
+    exported = method.export(model, ctx)
+    deployables = exported if isinstance(exported, list) else [exported]
+
+    records = []
+    for index, deployable in enumerate(deployables):
+        target_dir = run_dir if index == 0 else _variant_dir(run_dir, deployable.label or str(index))
+        target_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        metrics = evaluator.evaluate(deployable, method.is_baseline, target_dir)
+        variant = dict(record)
+        variant.update(
+            run_id=target_dir.name,
+            train_run_id=run_dir.name,
+            variant=deployable.label or None,
+            sparsity=deployable.sparsity if deployable.sparsity is not None else cfg.sparsity,
+            status="ok",
+            finished_at=utc_now(),
+            training=train_cost,
+            method_info=deployable.info,
+            metrics=metrics,
+            eval_wall_s=round(time.perf_counter() - started, 3),
+            paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
+                   "model": _save_model(deployable.model, target_dir / "model")},
+        )
+        if index > 0:
+            write_config(target_dir, cfg.to_dict())
+        write_record(target_dir, variant)
+        records.append(variant)
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    return records
+
+
+def _params_dict(method: Method) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(method.params) if dataclasses.is_dataclass(method.params) else {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

@@ -1,0 +1,1 @@
+"""Measurements shared by every method: MACs, FID/KID, latency, consistency."""

@@ -1,0 +1,201 @@
+"""One training loop for every method: DDPM loss, AdamW, EMA, clipping, hooks, checkpoints, resume.
+
+Read it top to bottom: each step draws a batch, asks the method for the loss (the plain diffusion
+loss unless the method distils or trains several widths), backpropagates, lets the method see the
+gradients, clips, steps the optimizer, lets the method re-apply or update masks, updates the EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .context import MethodContext
+from .errors import BenchError
+from .registry import Method
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run is recorded as failed with this message."""
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    batch_size: int
+    wall_s: float
+    peak_memory_mb: float
+    final_loss: float | None
+    resumed_from: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "optimizer_steps": self.steps,
+            "batch_size": self.batch_size,
+            "images_seen": self.steps * self.batch_size,
+            "wall_s": round(self.wall_s, 3),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "final_loss": self.final_loss,
+            "resumed_from_step": self.resumed_from,
+        }
+
+
+class EMA:
+    """Exponential moving average of the trainable tensors, with the usual warm-up
+    (decay = min(decay, (1 + n) / (10 + n))) so short budgets are not dominated by the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, param in model.named_parameters():
+            if key in self.shadow:
+                self.shadow[key].lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for key, value in self.shadow.items():
+            params[key].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """Train ``model`` for ``ctx.total_steps`` optimizer steps with ``method``'s hooks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        ctx: MethodContext,
+        lr: float,
+        ema_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        precision: str = "fp32",
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 500,
+        resume: bool = False,
+        description: str = "train",
+    ) -> None:
+        self.model, self.method, self.ctx = model, method, ctx
+        self.grad_clip, self.precision = grad_clip, precision
+        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self.description = description
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        ctx.optimizer = self.optimizer
+        self.ema = EMA(model, ema_decay) if ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and ctx.device.type == "cuda")
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "method": self.method.state_dict() if hasattr(self.method, "state_dict") else None,
+            "generator": self.ctx.generator.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> int:
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            raise BenchError(f"--resume: no checkpoint at {self.checkpoint_path}; run once without --resume")
+        state = torch.load(self.checkpoint_path, map_location=self.ctx.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        if state.get("method") is not None and hasattr(self.method, "load_state_dict"):
+            self.method.load_state_dict(state["method"])
+        self.ctx.generator.set_state(state["generator"])
+        torch.set_rng_state(state["cpu_rng"])
+        return int(state["step"])
+
+    def train(self) -> TrainStats:
+        total = self.ctx.total_steps
+        start_step = self.load_checkpoint() if self.resume else 0
+        # skip the batches already consumed so a resumed run sees the same data order
+        for _ in range(start_step):
+            self.ctx.next_batch()
+        self.model.train()
+        started = time.perf_counter()
+        loss_value: float | None = None
+        bar = tqdm(range(start_step, total), desc=self.description, initial=start_step, total=total,
+                   leave=False, dynamic_ncols=True, disable=total == 0 or None)
+        for step in bar:
+            x0 = self.ctx.next_batch()
+            with _autocast(self.ctx.device, self.precision):
+                loss = self.method.compute_loss(self.model, x0, self.ctx)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss became {loss_value} at step {step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.method.on_after_backward(step, self.model, self.ctx)
+            if self.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.method.on_after_optimizer_step(step, self.model, self.ctx)
+            if self.ema:
+                self.ema.update(self.model)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if self.checkpoint_path and (step + 1) % self.checkpoint_every == 0 and step + 1 < total:
+                self.save_checkpoint(step + 1)
+        bar.close()
+        if self.ema:
+            self.ema.copy_to(self.model)
+        self.model.eval()
+        return TrainStats(
+            steps=total,
+            batch_size=self.ctx.batch_size,
+            wall_s=time.perf_counter() - started,
+            peak_memory_mb=peak_memory_mb(self.ctx.device),
+            final_loss=loss_value,
+            resumed_from=start_step,
+        )

@@ -1,0 +1,1 @@
+"""Bundled compression methods: one module per method, each registering itself by decorator."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny budgets so end-to-end runs take seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+TINY_BUDGET: dict[str, Any] = {
+    "base_steps": 30,
+    "finetune_steps": 8,
+    "batch_size": 32,
+    "sample_steps": 4,
+    "num_samples": 64,
+    "latency_repeats": 1,
+    "latency_batch": 4,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache per test session: the tiny base and the digits-net are trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, shared_cache: Path):
+    """Factory: a validated RunConfig with the tiny budget, writing into this test's tmp dir."""
+    from diffprune_bench.config import make_config
+
+    def factory(**overrides: Any):
+        values = {**TINY_BUDGET, "results_dir": str(tmp_path / "runs"), "cache_dir": str(shared_cache), **overrides}
+        return make_config(values)
+
+    return factory
