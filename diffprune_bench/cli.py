@@ -15,11 +15,13 @@ from typing import Any
 
 import typer
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-
 from .errors import BenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark compression methods for diffusion models.")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Benchmark compression methods for diffusion models."
+)
 
 
 def fail_usage(message: str) -> None:

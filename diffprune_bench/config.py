@@ -8,6 +8,7 @@ trust the values.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,38 @@ from typing import Any
 import yaml
 
 from .errors import BenchError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 numbers (so N:M patterns like ``2:4`` stay strings) and
+    with floats like ``2e-4`` (YAML 1.1 wants a dot) read as numbers, as users write learning rates."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _key, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:float"]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with the project's loader (use it for every config, suite and parameter value)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 
 DEVICES = ("auto", "cpu", "cuda")
 SPACINGS = ("leading", "trailing", "linspace", "quad")
@@ -57,6 +90,7 @@ class RunConfig:
     run_id: str | None = None
     resume: bool = False
     checkpoint_every: int = 500
+    suite: str | None = None  # name of the suite a sweep ran this cell for (recorded; None for single runs)
     method_params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RunConfig:
@@ -120,7 +154,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise BenchError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise BenchError(f"config file {str(path)!r} is not valid YAML: {error}".splitlines()[0]) from None
     if not isinstance(data, dict):
@@ -150,5 +184,5 @@ def parse_param_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise BenchError(f"method parameter {item!r} must look like name=value")
         key, raw = item.split("=", 1)
-        result[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+        result[key.strip().replace("-", "_")] = yaml_load(raw)
     return result

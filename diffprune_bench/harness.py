@@ -93,7 +93,9 @@ def base_cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_context(cfg: RunConfig, data: DataBundle, device: torch.device, total_steps: int, **extra: Any) -> MethodContext:
+def make_context(
+    cfg: RunConfig, data: DataBundle, device: torch.device, total_steps: int, **extra: Any
+) -> MethodContext:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return MethodContext(
         device=device,
@@ -230,6 +232,7 @@ class Evaluator:
             "macs_base": dense_report.total,
             "macs_reduction": 1.0 - traj_effective / (dense_report.total * steps),
             "macs_counter": COUNTER,
+            "model_hash": weights_hash(model),
             "params_total": total,
             "params_nonzero": nonzero,
             "ssim_to_dense": ssim,
@@ -277,6 +280,7 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         "preset": cfg.preset,
         "sparsity": cfg.sparsity,
         "seed": cfg.seed,
+        "suite": cfg.suite,
         "device": {"type": device.type, "name": _device_name(device), "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "platform": platform.platform()},
         "config": cfg.to_dict(),

@@ -95,7 +95,8 @@ def load_pretrained(source: str, preset: str | None = None) -> UNet2DModel:
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BenchError(
-            f"cannot load base checkpoint {source!r}: {first} (give a local save_pretrained folder, or a hub id when online)"
+            f"cannot load base checkpoint {source!r}: {first} "
+            "(give a local save_pretrained folder, or a hub id when online)"
         ) from None
     if preset is not None:
         mismatched = config_mismatch(model, preset)
@@ -130,7 +131,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = nonzero = 0
     seen: set[int] = set()
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        for _name, param in list(module.named_parameters(recurse=False)):
             if id(param) in seen:
                 continue
             seen.add(id(param))
