@@ -10,7 +10,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip >/dev/null
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
@@ -32,3 +31,12 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_base.py
+
+# Sweep the digits suite (resumes: cells with an ok record are skipped), then render results/ even when
+# some cells failed (they are listed apart); the exit status still reports the failures.
+leaderboard: $(STAMP)
+	$(BIN)/diffbench sweep benchmarks/digits.yaml; status=$$?; \
+	$(BIN)/diffbench leaderboard --suite digits && exit $$status
+
+regress: $(STAMP)
+	$(BIN)/diffbench regress --suite benchmarks/digits-ci.yaml --baseline results/ci-baseline.json

@@ -60,12 +60,16 @@ def run(
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     data_root: str = typer.Option(None, envvar="DIFFBENCH_DATA", help="Folder holding real datasets."),
     download: bool = typer.Option(None, "--download/--no-download", help="Download missing data when online."),
+    resolution: int = typer.Option(None, help="Image size for celeba / imagefolder (default: the dataset's)."),
+    num_workers: int = typer.Option(None, help="Data loader processes (default: automatic)."),
     base_steps: int = typer.Option(None, help="Training steps of the dense base and of scratch methods."),
     finetune_steps: int = typer.Option(None, help="Fine-tuning steps of pretrained methods."),
     batch_size: int = typer.Option(None, help="Training batch size."),
     lr: float = typer.Option(None, help="AdamW learning rate."),
     ema_decay: float = typer.Option(None, help="EMA decay (0 disables)."),
     precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast)."),
+    channels_last: bool = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile training and sampling."),
     sample_steps: int = typer.Option(None, help="DDIM sampling steps."),
     timestep_spacing: str = typer.Option(None, help="leading | trailing | linspace | quad"),
     num_samples: int = typer.Option(None, help="Generated samples for FID/KID."),
@@ -86,7 +90,8 @@ def run(
     values: dict[str, Any] = load_yaml(config) if config else {}
     values.update(_cli_values(
         method=method, dataset=dataset, sparsity=sparsity, seed=seed, preset=preset, base=base, device=device,
-        data_root=data_root, download=download, base_steps=base_steps, finetune_steps=finetune_steps,
+        data_root=data_root, download=download, resolution=resolution, num_workers=num_workers,
+        channels_last=channels_last, compile=compile, base_steps=base_steps, finetune_steps=finetune_steps,
         batch_size=batch_size, lr=lr, ema_decay=ema_decay, precision=precision, sample_steps=sample_steps,
         timestep_spacing=timestep_spacing, num_samples=num_samples, fid_extractor=fid_extractor,
         inception_weights=inception_weights, latency_repeats=latency_repeats, latency_batch=latency_batch,
@@ -136,12 +141,26 @@ def datasets() -> None:
 @friendly_errors
 def macs(
     preset: str = typer.Option("tiny", help="UNet preset to count."),
+    method: str = typer.Option(None, "--method", "-m", help="Structured method: prune the preset and compare."),
+    sparsity: float = typer.Option(0.5, help="With --method: fraction of MACs to remove."),
+    param: list[str] = typer.Option(None, "--param", "-p", help="With --method: parameter name=value."),
+    device: str = typer.Option("cpu", help="With --method: device of the (random-data) gradient pass."),
 ) -> None:
-    """Print MACs (fvcore, batch 1, one UNet forward) and params of a preset, by operator family."""
+    """Print MACs (fvcore, batch 1, one UNet forward) and params of a preset, by operator family.
+
+    With --method, prune a fresh preset (random images feed gradient criteria; widths depend only on
+    the MAC target) and print dense vs pruned.
+    """
     from .data import get_dataset_spec  # noqa: F401 - registers datasets
     from .metrics.macs import COUNTER, count_macs
     from .models import PRESETS, build_model, count_params
 
+    if method:
+        from .config import parse_param_overrides
+        from .structural import prune_preset_report
+
+        typer.echo(prune_preset_report(preset, method, sparsity, parse_param_overrides(param or []), device))
+        return
     model = build_model(preset)
     config = PRESETS[preset]
     shape = (config["in_channels"], config["sample_size"], config["sample_size"])
@@ -153,6 +172,72 @@ def macs(
     for family in ("conv", "linear", "attention", "other"):
         typer.echo(f"    {family:<12}  {report.by_family.get(family, 0) / 1e9:10.4f} G")
     typer.echo(f"  conv+linear     {report.conv_linear / 1e9:10.4f} G")
+
+
+@app.command()
+@friendly_errors
+def sweep(
+    suite: Path = typer.Argument(..., help="Suite YAML (benchmarks/*.yaml)."),
+    results_dir: str = typer.Option(None, help="Run folders (default: the suite's, else results/runs)."),
+    cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
+    device: str = typer.Option(None, help="auto | cpu | cuda"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells still to run; run nothing."),
+) -> None:
+    """Run every cell of a suite that has no ok record yet; exit code = number of failed cells."""
+    from .suite import load_suite
+    from .suite import sweep as run_sweep
+
+    overrides = _cli_values(results_dir=results_dir, cache_dir=cache_dir, device=device)
+    result = run_sweep(load_suite(suite), overrides, dry_run=dry_run)
+    if result.failures:
+        raise typer.Exit(code=min(result.failures, 125))
+
+
+@app.command()
+@friendly_errors
+def leaderboard(
+    results_dir: str = typer.Option("results/runs", help="Folder searched (recursively) for records."),
+    out: str = typer.Option("results", help="Where leaderboard.md, leaderboard.csv and plots/ are written."),
+    suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Also draw results/plots/*.png|svg."),
+) -> None:
+    """Render the leaderboard (Markdown + CSV) and plots from every record."""
+    from .leaderboard import write_leaderboard
+
+    written = write_leaderboard(results_dir, out, suites=suite or None, with_plots=plots)
+    board = written["board"]
+    plot_files = sum(len(p) for p in written["plots"].values())
+    typer.echo(f"{len(board.groups)} table(s) from {board.records} records, "
+               f"{len(board.failed)} failed run(s): {written['markdown']}, {written['csv']}, "
+               f"{plot_files} plot files")
+
+
+@app.command()
+@friendly_errors
+def regress(
+    suite: Path = typer.Option(Path("benchmarks/digits-ci.yaml"), "--suite", help="Suite YAML to run."),
+    baseline: Path = typer.Option(Path("results/ci-baseline.json"), help="Baseline JSON (FID, std per row)."),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="Measure, rewrite the baseline."),
+    baseline_seeds: int = typer.Option(3, help="Seeds --update-baseline measures if the suite lists one."),
+    results_dir: str = typer.Option(None, help="Run folder (default: a fresh results/runs/regress/<time>)."),
+    cache_dir: str = typer.Option(None, help="Bases, extractors (default: fresh, in the run folder)."),
+    device: str = typer.Option(None, help="auto | cpu | cuda"),
+) -> None:
+    """Run a suite and fail (exit 1) when any row's FID is worse than baseline + its seed-spread tolerance."""
+    from .regress import format_table
+    from .regress import regress as run_regress
+    from .suite import load_suite
+
+    outcome = run_regress(load_suite(suite), baseline, update=update_baseline, results_dir=results_dir,
+                          baseline_seeds=baseline_seeds,
+                          overrides=_cli_values(cache_dir=cache_dir, device=device))
+    typer.echo(format_table(outcome.comparisons))
+    if outcome.updated:
+        typer.echo(f"baseline written: {baseline}")
+    bad = [c for c in outcome.comparisons if c.failed]
+    if bad:
+        typer.echo(f"regression check failed: {len(bad)} row(s) regressed, failed or missing", err=True)
+        raise typer.Exit(code=1)
 
 
 def main() -> None:  # pragma: no cover - console entry

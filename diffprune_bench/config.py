@@ -67,6 +67,8 @@ class RunConfig:
     device: str = "auto"
     data_root: str | None = None
     download: bool = False
+    resolution: int | None = None  # image size of celeba / imagefolder (None: the dataset's default)
+    num_workers: int | None = None  # data loader processes (None: automatic, see data.default_num_workers)
     # training budgets: the base (and scratch methods) get base_steps, pretrained methods finetune_steps
     base_steps: int | None = None
     finetune_steps: int | None = None
@@ -76,6 +78,7 @@ class RunConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     compile: bool = False
+    channels_last: bool = False
     # sampling and evaluation protocol
     sample_steps: int | None = None
     timestep_spacing: str = "leading"
@@ -116,6 +119,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise BenchError(f"{name.replace('_', '-')} {value!r} must be a positive integer")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
+            raise BenchError(f"resolution {self.resolution!r} must be an integer of at least 8")
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise BenchError(f"num-workers {self.num_workers!r} must be a non-negative integer")
         if self.sample_steps == 0:
             raise BenchError("sample-steps 0 must be a positive integer")
         if self.lr is not None and not self.lr > 0:

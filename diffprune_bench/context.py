@@ -14,8 +14,17 @@ from torch.utils.data import DataLoader, Dataset
 from .diffusion import diffusion_loss
 
 
-def infinite_batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Endless shuffled image batches (labels dropped), reproducible from ``seed``."""
+def infinite_batches(
+    dataset: Dataset, batch_size: int, seed: int, device: torch.device, num_workers: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Endless shuffled image batches (labels dropped), reproducible from ``seed``.
+
+    With worker processes, the loader's seeded generator fixes every worker's seed, so random flips are
+    reproducible too; workers persist across epochs and batches go through pinned memory on CUDA.
+    """
+    from .data import default_num_workers
+
+    workers = default_num_workers(dataset) if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
@@ -24,7 +33,9 @@ def infinite_batches(dataset: Dataset, batch_size: int, seed: int, device: torch
         drop_last=True,
         generator=generator,
         pin_memory=device.type == "cuda",
-        num_workers=0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
     while True:
         for batch in loader:

@@ -7,13 +7,16 @@ protocol defaults that make runs on it comparable (preset, budgets, sampler step
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import BenchError
 
@@ -28,6 +31,13 @@ class DataBundle:
     resolution: int
     channels: int
     source: str = ""
+    #: which split the reference statistics come from (recorded in the FID protocol)
+    reference_split: str = "reference"
+    #: identifies the data content where the dataset name alone does not (image folders, resolutions);
+    #: part of the base-model cache key when set
+    fingerprint: str = ""
+    #: clean-fid's precomputed statistics that equal our reference split: (name, resolution, split)
+    cleanfid_stats: tuple[str, int, str] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -66,6 +76,37 @@ def load_dataset(name: str, **kwargs: Any) -> DataBundle:
     return get_dataset_spec(name).loader(**kwargs)
 
 
+IN_MEMORY_ITEMS = 2000  # below this many items, loader worker processes cost more than they save
+
+
+def default_num_workers(dataset: Dataset) -> int:
+    """Loader processes for a dataset: none for in-memory tensors or tiny sets, else up to 8 CPUs
+    (JPEG decoding and resizing of CelebA or an image folder would otherwise starve a GPU)."""
+    if isinstance(dataset, TensorDataset) or len(dataset) < IN_MEMORY_ITEMS:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def image_batches(
+    dataset: Dataset, batch_size: int = 500, limit: int | None = None, num_workers: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Stream (the first ``limit`` items of) a dataset as NCHW image batches, labels dropped.
+
+    Reference statistics run over 50,000 (CIFAR-10) to 162,770 (CelebA) images: streaming keeps them
+    out of memory as one float tensor (CelebA-64 alone would be 8 GB).
+    """
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    if isinstance(dataset, TensorDataset):
+        images = dataset.tensors[0]
+        for start in range(0, count, batch_size):
+            yield images[start : min(start + batch_size, count)]
+        return
+    subset = dataset if count == len(dataset) else Subset(dataset, range(count))
+    workers = default_num_workers(subset) if num_workers is None else num_workers
+    for batch in DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers):
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def image_tensor(dataset: Dataset, limit: int | None = None) -> torch.Tensor:
     """Stack (part of) a dataset into one NCHW float tensor; TensorDatasets are returned as they are."""
     if isinstance(dataset, TensorDataset) and limit is None:
@@ -79,11 +120,13 @@ DIGITS_REFERENCE_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0
 
 
-def load_digits(**_: Any) -> DataBundle:
+def load_digits(resolution: int | None = None, **_: Any) -> DataBundle:
     """scikit-learn's 1,797 8x8 digits (values 0..16) scaled to [-1, 1], with a fixed seeded split.
 
     The split is stratified by class so the reference statistics see every digit in proportion.
     """
+    if resolution not in (None, 8):
+        raise BenchError(f"resolution {resolution} is not available for digits (8x8 only)")
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -123,5 +166,287 @@ register_dataset(
             "num_samples": 1000,
             "fid_extractor": "digits-net",
         },
+    )
+)
+
+
+# ---------------------------------------------------------------- real datasets
+DATA_ENV = "DIFFBENCH_DATA"
+DEFAULT_DATA_ROOT = "data"
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """``--data-root``, else ``$DIFFBENCH_DATA``, else ``./data`` (torchvision's layouts below it)."""
+    return Path(root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class ImageView(Dataset):
+    """A dataset of PIL images seen through a transform, as ``(tensor, label)``.
+
+    The training split (with random flips) and the reference split (without) are two views of one
+    underlying dataset, so CIFAR-10's arrays are held once and image files are read lazily.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.base[index]
+        image, label = item if isinstance(item, tuple) else (item, 0)
+        return self.transform(image), label if isinstance(label, int) else 0
+
+
+def _pixels_transform(*steps: Callable[[Any], Any], flip: bool = False) -> Callable[[Any], torch.Tensor]:
+    """PIL -> steps -> (random horizontal flip) -> tensor in [-1, 1] (DDPM's data scaling)."""
+    from torchvision import transforms
+
+    flips = [transforms.RandomHorizontalFlip()] if flip else []
+    return transforms.Compose(
+        [*steps, *flips, transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    )
+
+
+def _missing(folder: Path, names: list[str]) -> list[str]:
+    return [name for name in names if not (folder / name.rstrip("/")).exists()]
+
+
+def _download(make: Callable[[], Any], what: str, root: Path) -> None:
+    try:
+        make()
+    except (OSError, RuntimeError, ImportError) as error:  # offline, quota, missing gdown, bad archive
+        raise BenchError(f"cannot download {what} into {root}: {_first_line(error)}") from None
+
+
+def _checksum_failures(folder: Path, files: list[tuple[str, str]]) -> list[str]:
+    from torchvision.datasets.utils import check_integrity
+
+    return [name for name, md5 in files if not check_integrity(str(folder / name), md5)]
+
+
+def load_cifar10(
+    root: str | None = None, download: bool = False, resolution: int | None = None, **_: Any
+) -> DataBundle:
+    """torchvision's CIFAR-10 training split (50,000 32x32 images), for training and as the FID reference.
+
+    The DDPM paper (Ho et al. 2020) and Diff-Pruning report FID against the training set, and clean-fid
+    ships statistics of exactly this split (``cifar10``, 32, ``train``). Training views add DDPM's
+    random horizontal flip. torchvision checks every file's MD5, so the data is the official set.
+    """
+    from torchvision.datasets import CIFAR10
+
+    if resolution not in (None, 32):
+        raise BenchError(f"resolution {resolution} is not available for cifar10 (32x32 only); "
+                         "--resolution applies to celeba and imagefolder")
+    base = resolve_data_root(root)
+    folder = base / CIFAR10.base_folder
+    files = [(name, md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list]
+    files.append((CIFAR10.meta["filename"], CIFAR10.meta["md5"]))
+    if download:
+        _download(lambda: CIFAR10(str(base), train=True, download=True), "CIFAR-10", base)
+    missing = _missing(folder, [name for name, _ in files])
+    if missing:
+        raise BenchError(
+            f"CIFAR-10 not found: {folder} lacks {', '.join(missing)} (the python version, "
+            f"{CIFAR10.filename}, extracted); point --data-root or {DATA_ENV} at the folder holding "
+            f"{CIFAR10.base_folder}/, or add --download when online"
+        )
+    try:
+        dataset = CIFAR10(str(base), train=True)
+    except RuntimeError:
+        bad = _checksum_failures(folder, files)
+        raise BenchError(
+            f"CIFAR-10 files in {folder} fail torchvision's MD5 checks ({', '.join(bad) or 'metadata'}): "
+            "delete them and run again with --download"
+        ) from None
+    return DataBundle(
+        name="cifar10",
+        train=ImageView(dataset, _pixels_transform(flip=True)),
+        reference=ImageView(dataset, _pixels_transform()),
+        resolution=32,
+        channels=3,
+        source=f"torchvision.datasets.CIFAR10 train split ({len(dataset)} images, MD5-verified)",
+        reference_split="train",
+        cleanfid_stats=("cifar10", 32, "train"),
+    )
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A fixed crop (picklable, so loader worker processes can use it)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def __call__(self, image: Any) -> Any:
+        from torchvision.transforms import functional
+
+        return functional.crop(image, self.top, self.left, self.height, self.width)
+
+
+#: DDIM's CelebA-64 crop (Song et al. 2021, ``datasets/__init__.py``; reused by Diff-Pruning's CelebA
+#: runs): the 128x128 square centred at x=89, y=121 of the 178x218 aligned images, then resized.
+CELEBA_CROP = Crop(top=121 - 64, left=89 - 64, height=128, width=128)
+CELEBA_RESOLUTION = 64
+
+
+def load_celeba(
+    root: str | None = None, download: bool = False, resolution: int | None = None, **_: Any
+) -> DataBundle:
+    """torchvision's CelebA training split (162,770 aligned faces), cropped and resized to 64x64.
+
+    The crop is DDIM's face crop (:data:`CELEBA_CROP`), the resize torchvision's (PIL bilinear), and the
+    training view adds a random horizontal flip, as in the DDIM / Diff-Pruning CelebA-64 runs. The
+    reference statistics use the same training split without flips. Images are read from disk per item.
+    """
+    from torchvision import transforms
+    from torchvision.datasets import CelebA
+
+    size = resolution or CELEBA_RESOLUTION
+    base = resolve_data_root(root)
+    folder = base / CelebA.base_folder
+    files = [(name, md5) for _, md5, name in CelebA.file_list if not name.endswith(".zip")]
+    if download:
+        _download(lambda: CelebA(str(base), split="train", target_type=[], download=True), "CelebA", base)
+    missing = _missing(folder, ["img_align_celeba/", *(name for name, _ in files)])
+    if missing:
+        raise BenchError(
+            f"CelebA not found: {folder} lacks {', '.join(missing)} (img_align_celeba.zip extracted, and the "
+            f"annotation files torchvision reads); point --data-root or {DATA_ENV} at the folder holding "
+            f"{CelebA.base_folder}/, or add --download when online (needs gdown)"
+        )
+    try:
+        dataset = CelebA(str(base), split="train", target_type=[])
+    except RuntimeError:
+        bad = _checksum_failures(folder, files)
+        raise BenchError(
+            f"CelebA files in {folder} fail torchvision's MD5 checks ({', '.join(bad) or 'images'}): "
+            "replace them with the official files"
+        ) from None
+    steps = (CELEBA_CROP, transforms.Resize(size))
+    return DataBundle(
+        name="celeba",
+        train=ImageView(dataset, _pixels_transform(*steps, flip=True)),
+        reference=ImageView(dataset, _pixels_transform(*steps)),
+        resolution=size,
+        channels=3,
+        source=f"torchvision.datasets.CelebA train split ({len(dataset)} images, MD5-verified), "
+        f"DDIM crop {CELEBA_CROP.height}x{CELEBA_CROP.width} -> {size}x{size}",
+        reference_split="train",
+        fingerprint=f"ddim-crop-{size}",
+    )
+
+
+class ImageFiles(Dataset):
+    """Every image file below a folder (recursively, sorted by path), as ``(RGB PIL image, 0)``.
+
+    Exports such as LSUN, CelebA-HQ or FFHQ are flat folders, so unlike torchvision's ImageFolder no
+    class sub-folders are required. Files are opened per item, never all at once.
+    """
+
+    def __init__(self, root: Path) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.root = root
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from torchvision.datasets.folder import default_loader
+
+        return default_loader(str(self.files[index])), 0
+
+    def fingerprint(self) -> str:
+        """Hash of relative paths and sizes: a changed folder gets its own base model and statistics."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(f"{path.relative_to(self.root)}:{path.stat().st_size}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def load_imagefolder(
+    root: str | None = None, download: bool = False, resolution: int | None = None, **_: Any
+) -> DataBundle:
+    """Any folder of images at ``--resolution`` R: resize the short side to R, centre-crop RxR.
+
+    That is the DDPM / DDIM preprocessing of LSUN. All images train and all form the reference split.
+    No random flips: an arbitrary folder may hold content that is not mirror-symmetric.
+    """
+    from torchvision import transforms
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    folder = root or os.environ.get(DATA_ENV)
+    if not folder:
+        raise BenchError("dataset imagefolder needs --data-root DIR (a folder of images) and --resolution R")
+    if resolution is None:
+        raise BenchError("dataset imagefolder needs --resolution R (the square size images are cropped to)")
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise BenchError(f"image folder {str(path)!r} does not exist")
+    files = ImageFiles(path)
+    if len(files) == 0:
+        raise BenchError(f"image folder {str(path)!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    steps = (transforms.Resize(resolution), transforms.CenterCrop(resolution))
+    fingerprint = files.fingerprint()
+    return DataBundle(
+        name="imagefolder",
+        train=ImageView(files, _pixels_transform(*steps)),
+        reference=ImageView(files, _pixels_transform(*steps)),
+        resolution=resolution,
+        channels=3,
+        source=f"image folder {path} ({len(files)} images, content {fingerprint}), resize+centre-crop {resolution}",
+        reference_split="all",
+        fingerprint=f"{fingerprint}-{resolution}",
+    )
+
+
+#: Diff-Pruning's fine-tuning recipe (Fang et al. 2023, section 4 and its ddpm_train.py): Adam lr 2e-4,
+#: batch 128, EMA 0.9999, 100K steps; evaluation with 100 DDIM steps and 50K samples against
+#: Inception-V3 statistics (clean-fid).
+PAPER_PROTOCOL: dict[str, Any] = {
+    "finetune_steps": 100_000,
+    "batch_size": 128,
+    "lr": 2e-4,
+    "ema_decay": 0.9999,
+    "sample_steps": 100,
+    "num_samples": 50_000,
+    "fid_extractor": "inception-v3",
+}
+
+register_dataset(
+    DatasetSpec(
+        name="cifar10",
+        description="CIFAR-10 train split, 32x32 (torchvision; --data-root/--download); FID vs the 50K train images",
+        loader=load_cifar10,
+        # DDPM trained its CIFAR-10 model 800K steps; pass --base google/ddpm-cifar10-32 to start from it
+        defaults={"preset": "ddpm-cifar10", "base_steps": 800_000, **PAPER_PROTOCOL},
+    )
+)
+register_dataset(
+    DatasetSpec(
+        name="celeba",
+        description="CelebA train split, DDIM face crop -> 64x64 (torchvision; --data-root/--download)",
+        loader=load_celeba,
+        # the DDIM CelebA-64 model Diff-Pruning prunes was trained 500K steps
+        defaults={"preset": "ddpm-celeba64", "resolution": CELEBA_RESOLUTION, "base_steps": 500_000, **PAPER_PROTOCOL},
+    )
+)
+register_dataset(
+    DatasetSpec(
+        name="imagefolder",
+        description="any folder of images (--data-root DIR --resolution R), e.g. LSUN or CelebA-HQ exports",
+        loader=load_imagefolder,
+        defaults={"preset": "ddpm-celeba64", "base_steps": 500_000, **PAPER_PROTOCOL},
     )
 )

@@ -70,14 +70,18 @@ def make_sampler_scheduler(num_steps: int, spacing: str = "leading") -> tuple[DD
 def ddim_update(
     scheduler: DDIMScheduler, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor
 ) -> torch.Tensor:
-    """Deterministic DDIM step x_t -> x_{t_prev} for explicit timesteps (t_prev < 0: alpha = 1)."""
+    """Deterministic DDIM step x_t -> x_{t_prev} for explicit timesteps (t_prev < 0: alpha = 1).
+
+    The same arithmetic as ``DDIMScheduler.step(eta=0)`` with its defaults: x0 is clipped when the
+    schedule says ``clip_sample`` and the direction term uses the model's epsilon as predicted
+    (``use_clipped_model_output=False``), so ``quad`` differs from the other spacings only in its timesteps.
+    """
     alphas = scheduler.alphas_cumprod.to(x_t.device, x_t.dtype)
     alpha_t = alphas[t]
     alpha_prev = alphas[t_prev] if t_prev >= 0 else torch.ones((), device=x_t.device, dtype=x_t.dtype)
     x0 = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
     if scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    eps = (x_t - alpha_t.sqrt() * x0) / (1 - alpha_t).sqrt()
     return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
 
 

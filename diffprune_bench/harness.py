@@ -28,26 +28,29 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import RunConfig
 from .context import MethodContext, infinite_batches
-from .data import DataBundle, get_dataset_spec, image_tensor, load_dataset
+from .data import DataBundle, get_dataset_spec, image_batches, load_dataset
 from .diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
 from .errors import BenchError
 from .metrics.consistency import mean_ssim
 from .metrics.fid import (
     FeatureExtractor,
     build_extractor,
+    extract_features,
     fid_from_features,
     kid_from_features,
     reference_stats,
+    resolve_inception_weights,
 )
 from .metrics.latency import measure_latency
 from .metrics.macs import COUNTER, count_macs, trajectory_macs
-from .models import build_model, count_params, load_pretrained, weights_hash
+from .models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
 from .registry import Deployable, Method, create_method
 from .results import git_commit, new_run_id, utc_now, write_config, write_record
-from .trainer import Trainer
+from .trainer import Trainer, autocast
 
 CONSISTENCY_SAMPLES = 64
 EVAL_NOISE_OFFSET = 10_000  # evaluation noise seed = run seed + offset: never the training stream
+SEARCH_NOISE_OFFSET = 20_000  # a method's own FID search (DDSM) never sees the evaluation noise
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
@@ -77,8 +80,9 @@ class BaseModel:
     info: dict[str, Any]
 
 
-def base_cache_key(cfg: RunConfig) -> str:
-    """Hash of what determines a trained base: dataset, preset, train budget, seed (and recipe)."""
+def base_cache_key(cfg: RunConfig, data: DataBundle | None = None) -> str:
+    """Hash of what determines a trained base: dataset (and its content fingerprint where the name alone does
+    not fix it: image folders, resolutions), preset, train budget, seed (and recipe)."""
     key = {
         "dataset": cfg.dataset,
         "preset": cfg.preset,
@@ -90,6 +94,8 @@ def base_cache_key(cfg: RunConfig) -> str:
         "seed": cfg.seed,
         "recipe": 1,
     }
+    if data is not None and data.fingerprint:
+        key["data"] = data.fingerprint
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -106,7 +112,7 @@ def make_context(
         noise_scheduler=make_noise_scheduler(),
         sample_shape=data.shape,
         sample_steps=cfg.sample_steps,
-        batches=infinite_batches(data.train, cfg.batch_size, cfg.seed, device),
+        batches=infinite_batches(data.train, cfg.batch_size, cfg.seed, device, cfg.num_workers),
         generator=generator,
         count_macs=lambda model: float(count_macs(model, data.shape).total),
         **extra,
@@ -116,9 +122,11 @@ def make_context(
 def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> BaseModel:
     """The dense base every method starts from: a pretrained checkpoint, or ours, trained once and cached."""
     if cfg.base:
-        model = load_pretrained(cfg.base, cfg.preset).to(device).eval()
-        return BaseModel(model, {"source": cfg.base, "hash": weights_hash(model), "cached": True, "train": None})
-    key = base_cache_key(cfg)
+        model, loaded = load_pretrained_with_info(cfg.base, cfg.preset)
+        model = model.to(device).eval()
+        return BaseModel(model, {"source": cfg.base, "hash": weights_hash(model), "cached": True, "train": None,
+                                 "pretrained": loaded})
+    key = base_cache_key(cfg, data)
     folder = Path(cfg.cache_dir) / "bases" / key
     if (folder / "base.json").is_file():
         from diffusers import UNet2DModel
@@ -133,7 +141,8 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
     dense = get_method_class("dense")()
     ctx = make_context(cfg, data, device, cfg.base_steps)
     trainer = Trainer(model, dense, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
-                      precision=cfg.precision, description=f"train dense base ({cfg.dataset}/{cfg.preset})")
+                      precision=cfg.precision, description=f"train dense base ({cfg.dataset}/{cfg.preset})",
+                      channels_last=cfg.channels_last, compile=cfg.compile)
     stats = trainer.train()
     info = {"source": f"trained:{key}", "key": key, "hash": weights_hash(model), "train": stats.as_dict(),
             "preset": cfg.preset, "dataset": cfg.dataset, "seed": cfg.seed}
@@ -158,11 +167,13 @@ class Evaluator:
             cfg.fid_extractor, cfg.cache_dir, weights=cfg.inception_weights, device=device
         )
         self.reference = reference_stats(
-            self.extractor, lambda: image_tensor(data.reference), cfg.cache_dir,
+            self.extractor, lambda: image_batches(data.reference, num_workers=cfg.num_workers), cfg.cache_dir,
             {"dataset": data.name, "split": "reference", "resolution": data.resolution, "source": data.source},
+            precomputed=data.cleanfid_stats,
         )
-        floor_images = image_tensor(data.train, limit=cfg.num_samples)
-        self.floor = fid_from_features(self.extractor.features(floor_images), self.reference)
+        floor_images = image_batches(data.train, limit=cfg.num_samples, num_workers=cfg.num_workers)
+        self.floor = fid_from_features(extract_features(self.extractor, floor_images), self.reference)
+        self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
         self.noise = initial_noise(cfg.num_samples, data.shape, cfg.seed + EVAL_NOISE_OFFSET, device)
         self._dense_samples: torch.Tensor | None = None
         self._dense_latency: dict[str, Any] | None = None
@@ -172,20 +183,43 @@ class Evaluator:
             "fid": "clean-fid (uint8 quantisation, clean PIL-bicubic resize when needed)",
             "extractor": self.extractor.name,
             "extractor_fingerprint": self.extractor.fingerprint(),
-            "reference": {"dataset": self.data.name, "split": "reference", "images": len(self.data.reference)},
+            "extractor_protocol": self.extractor.describe(),
+            "reference": {"dataset": self.data.name, "split": self.data.reference_split,
+                          "images": len(self.data.reference), "source": self.data.source, **self.reference.info},
             "num_samples": self.cfg.num_samples,
-            "sampler": sampler_protocol(self.cfg.sample_steps, self.cfg.timestep_spacing),
+            "sampler": {**sampler_protocol(self.cfg.sample_steps, self.cfg.timestep_spacing),
+                        "precision": self.cfg.precision},
             "fid_floor": self.floor,
         }
 
     def sample(self, deployable: Deployable, noise: torch.Tensor, show: bool = False) -> torch.Tensor:
         progress = (lambda it: tqdm(it, desc="sampling", leave=False)) if show else None
-        return ddim_sample(deployable.module_for_step, noise, self.cfg.sample_steps, self.cfg.timestep_spacing,
-                           progress=progress)
+        if self.cfg.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.cfg.precision):
+            return ddim_sample(self._step_modules(deployable), noise, self.cfg.sample_steps,
+                               self.cfg.timestep_spacing, progress=progress)
+
+    def _step_modules(self, deployable: Deployable):
+        """The deployable's per-step modules, each compiled once when the run asks for ``compile``."""
+        if not self.cfg.compile:
+            return deployable.module_for_step
+
+        def pick(step: int) -> nn.Module:
+            module = deployable.module_for_step(step)
+            if id(module) not in self._compiled:  # the module is kept in the entry, so its id stays unique
+                self._compiled[id(module)] = (module, torch.compile(module))
+            return self._compiled[id(module)][1]
+
+        return pick
 
     def score_fid(self, deployable: Deployable, num_samples: int) -> float:
-        """FID of ``num_samples`` samples: what a method's search (DDSM) may call."""
-        samples = self.sample(deployable, self.noise[:num_samples])
+        """FID of ``num_samples`` samples: what a method's search (DDSM) may call.
+
+        Its noise is seeded apart from the evaluation noise, so a search cannot select for the very
+        samples its record is scored on; every call gets the same noise (fair comparisons)."""
+        noise = initial_noise(num_samples, self.data.shape, self.cfg.seed + SEARCH_NOISE_OFFSET, self.device)
+        samples = self.sample(deployable, noise)
         return fid_from_features(self.extractor.features(samples), self.reference)
 
     def dense_samples(self) -> torch.Tensor:
@@ -297,9 +331,13 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
 
 def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, record: dict[str, Any]) -> list[dict]:
     seed_everything(cfg.seed)
-    data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download)
+    data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, resolution=cfg.resolution)
+    check_data_fits(cfg.preset, data.shape)
+    if cfg.fid_extractor == "inception-v3":  # missing weights fail now, not after hours of training
+        resolve_inception_weights(cfg.inception_weights, cfg.cache_dir)
+    record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
     base = get_base_model(cfg, data, device)
-    record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train")}
+    record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train", "pretrained")}
     evaluator = Evaluator(cfg, data, device, base)
     record["protocol"] = evaluator.protocol()
 
@@ -309,7 +347,8 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     elif method.init == "pretrained":
         model, steps = copy.deepcopy(base.model).train(), cfg.finetune_steps
     else:
-        model, steps = build_model(cfg.preset, seed=cfg.seed).to(device), cfg.base_steps
+        steps = cfg.finetune_steps if method.budget == "finetune" else cfg.base_steps
+        model = build_model(cfg.preset, seed=cfg.seed).to(device)
     teacher = None
     if method.init == "pretrained" and not method.is_baseline:
         teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
@@ -322,7 +361,8 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                           precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
-                          description=f"{cfg.method} s={cfg.sparsity:g}")
+                          description=f"{cfg.method} s={cfg.sparsity:g}",
+                          channels_last=cfg.channels_last, compile=cfg.compile)
         train_cost = trainer.train().as_dict()
     exported = method.export(model, ctx)
     deployables = exported if isinstance(exported, list) else [exported]

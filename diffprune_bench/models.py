@@ -8,6 +8,7 @@ the DDIM CelebA-64 network, ``tiny`` a small UNet for the embedded digits.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,29 +81,155 @@ def build_model(preset: str, seed: int | None = None) -> UNet2DModel:
     return UNet2DModel(**PRESETS[preset])
 
 
-def load_pretrained(source: str, preset: str | None = None) -> UNet2DModel:
-    """Load a diffusers UNet2DModel from a local directory or a hub id.
+SCHEDULER_FILE = "scheduler_config.json"
+#: scheduler keys that must equal our DDPM training schedule for a checkpoint's weights to mean the same
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 
-    A local directory may hold the UNet at its root or in ``unet/`` (pipeline layout). When ``preset``
-    is given the checkpoint's config must match it, so rows stay comparable.
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _local_layout(path: Path, source: str) -> str | None:
+    """The subfolder holding the UNet of a local checkpoint: None (root) or "unet" (pipeline layout)."""
+    if not path.is_dir():
+        raise BenchError(f"base checkpoint {source!r} is not a folder (expected a save_pretrained folder)")
+    if (path / "config.json").is_file():
+        return None
+    if (path / "unet" / "config.json").is_file():
+        return "unet"
+    raise BenchError(f"base checkpoint {source!r} has no config.json or unet/config.json (expected save_pretrained)")
+
+
+def _hub_layout(repo_id: str) -> tuple[str | None, bool, set[str]]:
+    """(UNet subfolder, found in the local hub cache, repo files) of a hub checkpoint.
+
+    The local cache is tried first so a checkpoint downloaded once loads offline; otherwise one listing
+    call decides between the model layout (google/ddpm-*: config at the root) and the pipeline layout.
     """
-    path = Path(source)
-    subfolder = "unet" if path.is_dir() and (path / "unet" / "config.json").is_file() else None
-    if path.exists() and not (path / "config.json").is_file() and subfolder is None:
-        raise BenchError(f"base checkpoint {source!r} has no config.json (expected a save_pretrained folder)")
+    import huggingface_hub
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    for subfolder in (None, "unet"):
+        name = "config.json" if subfolder is None else f"{subfolder}/config.json"
+        if isinstance(try_to_load_from_cache(repo_id, name), str):
+            return subfolder, True, set()
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise BenchError(f"base checkpoint {repo_id!r} is not a local folder nor in the hub cache, and the hub is "
+                         "offline (HF_HUB_OFFLINE): give a local save_pretrained folder")
     try:
-        model = UNet2DModel.from_pretrained(source, subfolder=subfolder)
-    except OSError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        files = set(HfApi().list_repo_files(repo_id))
+    except Exception as error:  # noqa: BLE001 - network, auth and not-found errors all mean: cannot load it
         raise BenchError(
-            f"cannot load base checkpoint {source!r}: {first} "
-            "(give a local save_pretrained folder, or a hub id when online)"
+            f"base checkpoint {repo_id!r} is not a local folder and the hub cannot serve it ({_first_line(error)}): "
+            "give a local save_pretrained folder, or a hub id when online"
         ) from None
+    if "config.json" in files:
+        return None, False, files
+    if "unet/config.json" in files:
+        return "unet", False, files
+    raise BenchError(f"hub repo {repo_id!r} has no UNet (no config.json or unet/config.json)")
+
+
+def _scheduler_config(source: str, local: bool, cached: bool, files: set[str]) -> tuple[dict | None, str | None]:
+    """The checkpoint's scheduler config (root or ``scheduler/``) and where it was found, if it has one."""
+    for name in (SCHEDULER_FILE, f"scheduler/{SCHEDULER_FILE}"):
+        if local:
+            path = Path(source) / name
+            if path.is_file():
+                return json.loads(path.read_text()), name
+            continue
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, name) if cached else None
+        if not isinstance(found, str) and name in files:
+            found = hf_hub_download(source, name)
+        if isinstance(found, str):
+            return json.loads(Path(found).read_text()), name
+    return None, None
+
+
+def check_schedule(config: dict, source: str) -> None:
+    """Refuse a checkpoint trained with another noise schedule: its weights would be scored wrongly."""
+    from .diffusion import make_noise_scheduler
+
+    ours = make_noise_scheduler().config
+    for key in SCHEDULE_KEYS:
+        theirs = config.get(key, ours.get(key))
+        mine = ours.get(key)
+        if isinstance(mine, float) and isinstance(theirs, (int, float)):
+            same = abs(float(theirs) - mine) <= 1e-12
+        else:
+            same = theirs == mine
+        if not same:
+            raise BenchError(f"base checkpoint {source!r} was trained with scheduler {key}={theirs!r}; "
+                             f"the harness trains and samples with {key}={mine!r}")
+
+
+def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[UNet2DModel, dict[str, Any]]:
+    """Load a diffusers UNet2DModel from a local folder or a hub id, strictly, and say what was loaded.
+
+    The UNet may sit at the root (``save_pretrained`` of a model, google/ddpm-*) or in ``unet/``
+    (pipeline layout). Every weight must load (no missing, unexpected or mismatched keys: diffusers
+    would otherwise leave them randomly initialised), the config must match ``preset`` and a scheduler
+    config, when present, must be our DDPM schedule, so rows stay comparable.
+    """
+    path = Path(source).expanduser()
+    local = path.exists()
+    files: set[str] = set()
+    cached = False
+    if local:
+        subfolder = _local_layout(path, source)
+        target: str | Path = path
+    else:
+        if source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise BenchError(f"base checkpoint {source!r} does not exist (give a save_pretrained folder or a hub id)")
+        subfolder, cached, files = _hub_layout(source)
+        target = source
+    try:
+        model, loading = UNet2DModel.from_pretrained(
+            target, subfolder=subfolder, output_loading_info=True, local_files_only=cached
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BenchError(f"cannot load base checkpoint {source!r}: {_first_line(error)}") from None
+    problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}"
+                           for k, v in problems.items())
+        raise BenchError(f"base checkpoint {source!r} does not fit its UNet config ({detail})")
     if preset is not None:
         mismatched = config_mismatch(model, preset)
         if mismatched:
             raise BenchError(f"base checkpoint {source!r} does not match preset {preset!r}: {mismatched}")
-    return model
+    scheduler, scheduler_file = _scheduler_config(str(path) if local else source, local, cached, files)
+    if scheduler is not None:
+        check_schedule(scheduler, source)
+    info = {
+        "source": source,
+        "location": str(path.resolve()) if local else "huggingface hub" + (" (local cache)" if cached else ""),
+        "subfolder": subfolder,
+        "scheduler_config": scheduler_file,
+        "diffusers_version": model.config.get("_diffusers_version"),
+    }
+    return model, info
+
+
+def load_pretrained(source: str, preset: str | None = None) -> UNet2DModel:
+    """The model of :func:`load_pretrained_with_info`."""
+    return load_pretrained_with_info(source, preset)[0]
+
+
+def check_data_fits(preset: str, shape: tuple[int, int, int]) -> None:
+    """Refuse a preset that cannot run on the data: other channel count, or a size its down-sampling
+    stages do not divide (UNet2DModel halves the resolution between blocks)."""
+    config = PRESETS[preset]
+    channels, height, _ = shape
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if config["in_channels"] != channels:
+        raise BenchError(f"preset {preset!r} takes {config['in_channels']}-channel images, the dataset has {channels}")
+    if height % factor:
+        raise BenchError(f"preset {preset!r} needs a resolution divisible by {factor}; the dataset's is {height}")
 
 
 def config_mismatch(model: UNet2DModel, preset: str) -> str:

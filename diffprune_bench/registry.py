@@ -71,6 +71,9 @@ class Method:
     Params: ClassVar[type] = NoParams
     #: True for the baseline row: the harness evaluates the cached dense base itself.
     is_baseline: ClassVar[bool] = False
+    #: Training steps: "" follows ``init`` (pretrained -> finetune_steps, scratch -> base_steps);
+    #: "finetune" trains a scratch method for finetune_steps (Diff-Pruning's scratch-training row).
+    budget: ClassVar[str] = ""
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

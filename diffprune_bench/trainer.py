@@ -81,7 +81,8 @@ class EMA:
         self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast of the forward passes (fp32: none); optimizer state and EMA stay fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -110,9 +111,17 @@ class Trainer:
         checkpoint_every: int = 500,
         resume: bool = False,
         description: str = "train",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         self.model, self.method, self.ctx = model, method, ctx
         self.grad_clip, self.precision = grad_clip, precision
+        # channels_last lets cuDNN pick NHWC kernels (tensor cores under bf16/fp16); the input batches follow
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # the method's loss sees the compiled module; hooks, masks, EMA and checkpoints use the original
+        self.forward_model = torch.compile(model) if compile else model
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
         self.resume = resume
@@ -166,9 +175,9 @@ class Trainer:
         bar = tqdm(range(start_step, total), desc=self.description, initial=start_step, total=total,
                    leave=False, dynamic_ncols=True, disable=total == 0 or None)
         for step in bar:
-            x0 = self.ctx.next_batch()
-            with _autocast(self.ctx.device, self.precision):
-                loss = self.method.compute_loss(self.model, x0, self.ctx)
+            x0 = self.ctx.next_batch().contiguous(memory_format=self.memory_format)
+            with autocast(self.ctx.device, self.precision):
+                loss = self.method.compute_loss(self.forward_model, x0, self.ctx)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} at step {step}")

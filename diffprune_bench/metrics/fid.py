@@ -9,6 +9,10 @@ and ``kernel_distance``. Extractors:
   by ``--inception-weights`` / ``DIFFBENCH_INCEPTION_WEIGHTS``, or downloaded when online).
 * ``digits-net``: for the embedded 8x8 digits, where Inception features are meaningless: a small CNN
   classifier trained deterministically by the harness; features are its penultimate layer.
+
+Reference statistics are clean-fid's published ones where they exist for the reference split (CIFAR-10
+train, clean mode, Inception) and can be fetched, else computed once over the split and cached; every
+record says which (``protocol.reference.stats``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import socket
+import zipfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +54,20 @@ class FeatureExtractor:
 
     def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """How images become features (recorded in the FID protocol of every record)."""
+        return {"name": self.name, "fingerprint": self.fingerprint()}
+
+    def feature_dim(self) -> int:
+        return int(self.features(torch.zeros(1, 3, 8, 8)).shape[1])
+
+
+def extract_features(extractor: FeatureExtractor, images: torch.Tensor | Iterable[torch.Tensor]) -> np.ndarray:
+    """Features of one image tensor or of a stream of batches (reference splits are streamed)."""
+    if isinstance(images, torch.Tensor):
+        return extractor.features(images)
+    return np.concatenate([extractor.features(batch) for batch in images])
 
 
 # ---------------------------------------------------------------- digits-net
@@ -134,6 +156,13 @@ class DigitsNetExtractor(FeatureExtractor):
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def feature_dim(self) -> int:
+        return int(self.net.head.in_features)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "input": "8x8 uint8-quantised, no resize", "features": "penultimate (tanh)",
+                "reference_accuracy": self.reference_accuracy}
+
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
         images = images.detach().float().cpu()
@@ -145,48 +174,86 @@ class DigitsNetExtractor(FeatureExtractor):
 
 
 # ---------------------------------------------------------------- inception-v3
+DOWNLOAD_TIMEOUT_S = 60
+
+
 def resolve_inception_weights(weights: str | None, cache_dir: str | Path) -> Path:
-    """Find the Inception TorchScript file: the given path, the env var, the cache, else download."""
-    candidates = [weights, os.environ.get("DIFFBENCH_INCEPTION_WEIGHTS")]
-    for candidate in candidates:
+    """Find the Inception TorchScript file: the given path, the env var, the cache, else download it."""
+    for candidate in (weights, os.environ.get("DIFFBENCH_INCEPTION_WEIGHTS")):
         if candidate:
-            path = Path(candidate)
+            path = Path(candidate).expanduser()
             if not path.is_file():
                 raise BenchError(f"inception weights file {str(path)!r} does not exist")
             return path
     cached = Path(cache_dir) / "extractors" / INCEPTION_FILE
     if cached.is_file():
         return cached
+    partial = cached.with_suffix(".part")
     try:
         import urllib.request
 
         cached.parent.mkdir(parents=True, exist_ok=True)
-        urllib.request.urlretrieve(INCEPTION_URL, cached.with_suffix(".part"))
-        os.replace(cached.with_suffix(".part"), cached)
+        with urllib.request.urlopen(INCEPTION_URL, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        os.replace(partial, cached)
         return cached
-    except OSError:
+    except OSError:  # offline, DNS, HTTP errors (urllib's errors are OSErrors)
+        partial.unlink(missing_ok=True)
         raise BenchError(
-            f"no Inception weights offline: download {INCEPTION_URL} and pass --inception-weights FILE "
-            f"(or set DIFFBENCH_INCEPTION_WEIGHTS, or put it at {cached})"
+            f"no Inception weights and no download (offline?): fetch {INCEPTION_URL} and pass "
+            f"--inception-weights FILE, set DIFFBENCH_INCEPTION_WEIGHTS, or put it at {cached}"
         ) from None
 
 
+RESIZE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
 class InceptionExtractor(FeatureExtractor):
-    """clean-fid's TorchScript Inception-V3 pool features (2048-d) after the clean 299x299 resize."""
+    """clean-fid's TorchScript Inception-V3 pool features (2048-d) in clean-fid's "clean" mode.
+
+    Exactly clean-fid's path for generated images: uint8 quantisation, the PIL bicubic resize of each
+    float channel to 299x299 (``build_resizer("clean")``), then ``model.layers((x - 128) / 128)``, as its
+    ``InceptionV3W.forward`` does. The resize runs in threads (PIL releases the GIL).
+    """
 
     name = "inception-v3"
+    size = 299
 
     def __init__(self, cache_dir: str | Path, weights: str | None = None, device: torch.device | None = None) -> None:
         from cleanfid.resize import build_resizer
 
         self.path = resolve_inception_weights(weights, cache_dir)
         self.device = device or torch.device("cpu")
-        self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        try:
+            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        except (RuntimeError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BenchError(f"inception weights {str(self.path)!r} are not a TorchScript file: {first}") from None
+        if not hasattr(self.model, "layers"):
+            raise BenchError(
+                f"inception weights {str(self.path)!r} have no `layers` module: expected clean-fid's {INCEPTION_FILE}"
+            )
         self.resize = build_resizer("clean")
         self._fingerprint = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        self._dim: int | None = None
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def feature_dim(self) -> int:
+        if self._dim is None:
+            self._dim = super().feature_dim()
+        return self._dim
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "weights": self.path.name, "mode": "clean",
+                "input": f"uint8-quantised, clean-fid PIL bicubic resize to {self.size}x{self.size}",
+                "normalisation": "(x - 128) / 128", "features": self.feature_dim()}
+
+    def _resized(self, batch: np.ndarray) -> np.ndarray:
+        with ThreadPoolExecutor(RESIZE_THREADS) as pool:
+            return np.stack(list(pool.map(self.resize, batch))).transpose(0, 3, 1, 2)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 100) -> np.ndarray:
@@ -196,10 +263,9 @@ class InceptionExtractor(FeatureExtractor):
         chunks = []
         for start in range(0, len(uint8), batch_size):
             batch = uint8[start : start + batch_size].permute(0, 2, 3, 1).numpy()
-            resized = np.stack([self.resize(img) for img in batch]).transpose(0, 3, 1, 2)
-            x = torch.from_numpy(resized).float().to(self.device)
+            x = torch.from_numpy(self._resized(batch)).float().to(self.device)
             feats = self.model.layers.forward((x - 128) / 128).view(x.shape[0], -1)
-            chunks.append(feats.cpu().numpy())
+            chunks.append(feats.float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float64)
 
 
@@ -222,30 +288,77 @@ def build_extractor(name: str, cache_dir: str | Path, **kwargs) -> FeatureExtrac
 # ---------------------------------------------------------------- statistics and scores
 @dataclass
 class ReferenceStats:
+    """Mean and covariance for FID, features for KID, and where they came from (``info``, recorded)."""
+
     mu: np.ndarray
     sigma: np.ndarray
     features: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_features(cls, features: np.ndarray) -> ReferenceStats:
-        return cls(mu=features.mean(0), sigma=np.cov(features, rowvar=False), features=features)
+    def from_features(cls, features: np.ndarray, info: dict[str, Any] | None = None) -> ReferenceStats:
+        features = np.asarray(features, dtype=np.float64)
+        return cls(mu=features.mean(0), sigma=np.cov(features, rowvar=False), features=features, info=info or {})
+
+
+def cleanfid_reference(name: str, resolution: int, split: str) -> tuple[ReferenceStats | None, str]:
+    """clean-fid's published clean-mode Inception statistics of a standard split, or (None, why not).
+
+    clean-fid downloads them once into its package folder: ``{name}_clean_{split}_{res}.npz`` (mu, sigma)
+    and ``..._kid.npz`` (features, for KID). A socket timeout keeps an offline machine from hanging.
+    """
+    from cleanfid import fid as cleanfid_fid
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        mu, sigma = cleanfid_fid.get_reference_statistics(name, resolution, mode="clean", split=split, metric="FID")
+        feats = cleanfid_fid.get_reference_statistics(name, resolution, mode="clean", split=split, metric="KID")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, f"clean-fid statistics unavailable ({first})"
+    finally:
+        socket.setdefaulttimeout(previous)
+    info = {"stats": "clean-fid precomputed", "file": f"{name}_clean_{split}_{resolution}.npz".lower(),
+            "kid_features": int(len(feats))}
+    return ReferenceStats(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                          features=np.asarray(feats, np.float64), info=info), ""
 
 
 def reference_stats(
-    extractor: FeatureExtractor, images_fn: Callable[[], torch.Tensor], cache_dir: str | Path, key: dict
+    extractor: FeatureExtractor,
+    images_fn: Callable[[], torch.Tensor | Iterable[torch.Tensor]],
+    cache_dir: str | Path,
+    key: dict,
+    precomputed: tuple[str, int, str] | None = None,
 ) -> ReferenceStats:
-    """Reference statistics cached per (dataset, split, extractor fingerprint)."""
+    """Reference statistics: clean-fid's published ones when they exist for this split and extractor
+    (``precomputed`` = (name, resolution, split), Inception-V3 only) and can be fetched, else our own,
+    computed once from ``images_fn()`` (a tensor or a stream of batches) and cached per
+    (dataset, split, extractor fingerprint)."""
+    fallback = ""
+    if precomputed is not None and extractor.name == InceptionExtractor.name:
+        stats, fallback = cleanfid_reference(*precomputed)
+        if stats is not None and stats.mu.shape[0] != extractor.feature_dim():
+            dims = f"{stats.mu.shape[0]} vs the extractor's {extractor.feature_dim()}"
+            stats, fallback = None, f"clean-fid statistics have other features ({dims})"
+        if stats is not None:
+            return stats
     key = {**key, "extractor": extractor.name, "fingerprint": extractor.fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "fid-stats" / f"{key.get('dataset', 'data')}-{digest}.npz"
+    info = {"stats": "computed", "cache": path.name, **({"cleanfid_fallback": fallback} if fallback else {})}
     if path.is_file():
-        return ReferenceStats.from_features(np.load(path)["features"])
-    features = extractor.features(images_fn())
+        features = np.load(path)["features"]
+        return ReferenceStats.from_features(features, {**info, "images": int(len(features))})
+    # stored as float32 (the extractors compute in float32, so nothing is lost): a fresh and a cached run
+    # give bit-identical statistics
+    features = extract_features(extractor, images_fn()).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, features=features)
     os.replace(tmp, path)
-    return ReferenceStats.from_features(features)
+    return ReferenceStats.from_features(features, {**info, "images": int(len(features))})
 
 
 def fid_from_features(features: np.ndarray, reference: ReferenceStats) -> float:

@@ -1,0 +1,490 @@
+"""N:M weight masks with SR-STE, the sparsity SparseDM trains (Wang et al. 2024, wangkafeng/SparseDM).
+
+**Grouping.** A group is M consecutive weights along a layer's input dimension: for a Linear weight
+``(out, in)`` the M neighbouring input features of one output row; for a Conv2d weight
+``(out, in, kh, kw)`` the M neighbouring input channels at one kernel position of one output channel.
+That is the NHWC order of the reference code (it permutes conv weights to ``(out, kh, kw, in)`` before
+grouping) and the order sparse tensor cores need after an NHWC im2col. In each group the N largest
+``|w|`` are kept. Because the input dimension is the second axis of both weight layouts, a weight is
+viewed as ``(out, in / M, M, rest)`` with no copy: the group members sit on axis 2.
+
+**Training.** Masks live in a ``torch.nn.utils.parametrize`` parametrization (:class:`SparseWeight`):
+``module.weight`` is the masked view of the dense ``parametrizations.weight.original``, recomputed from
+the current dense weight at every forward, so ``module.weight`` shows the zeros (the harness counts
+effective MACs from its nonzero density) while the optimizer and the EMA update the dense weight. The
+backward is SR-STE (Zhou et al. 2021, "Learning N:M fine-grained structured sparse neural networks
+from scratch"; ``decay = 2e-4`` in SparseDM's ``sparse_ops_mask.py``): the dense weight receives
+``grad + lambda * (1 - mask) * w``, the straight-through gradient plus a decay that pulls pruned
+weights towards zero without freezing them, so they may grow back when they matter.
+
+**Inference.** :func:`apply_fixed_masks` multiplies a plain model's weights by the mask of any N:M
+pattern once, so evaluation pays nothing per forward. :func:`convert_semi_structured` swaps eligible
+Linear layers of a 2:4-compatible model for :class:`SemiStructuredLinear`, which runs PyTorch's
+semi-structured sparse kernels on Ampere+ GPUs (``torch.sparse.to_sparse_semi_structured``).
+
+An unstructured variant (one global magnitude threshold over every masked layer, SparseDM's
+comparison point) shares the same parametrization and SR-STE backward.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import BenchError
+
+#: SR-STE decay on pruned weights; SparseDM's ``Sparse``/``Sparse_NHWC`` autograd functions use 2e-4.
+SRSTE_LAMBDA = 2e-4
+MASK_TYPES = ("nm", "unstructured")
+#: Input and output convs stay dense by default: SparseDM masks the transformer/UNet body only, and
+#: these layers hold few weights while touching every pixel (``conv_in`` has 1-3 input channels).
+DEFAULT_KEEP_DENSE: tuple[str, ...] = ("conv_in", "conv_out")
+#: Above this group size the pairwise-comparison mask (M(M-1)/2 vector compares) loses to ``topk``.
+_PAIRWISE_MAX_M = 8
+
+
+# ---------------------------------------------------------------- patterns
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep ``n`` of every ``m`` weights (``n == m``: dense)."""
+
+    n: int
+    m: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    @property
+    def is_dense(self) -> bool:
+        return self.n == self.m
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def parse_pattern(value: Any) -> NMPattern:
+    """``"2:4"``, ``(2, 4)`` or an :class:`NMPattern` -> :class:`NMPattern`.
+
+    YAML 1.1 (PyYAML, hence ``--param stages=[4:4, 2:4]`` and suite files) reads an unquoted ``2:4`` as
+    the base-60 integer 124; such integers (>= 60) are decoded back to ``N:M`` (valid for M < 60).
+    """
+    if isinstance(value, NMPattern):
+        n, m = value.n, value.m
+    elif isinstance(value, bool):
+        raise BenchError(f"N:M pattern {value!r} must look like '2:4' (N kept of every M, 1 <= N <= M)")
+    elif isinstance(value, int) and value >= 60:
+        n, m = divmod(value, 60)
+    elif isinstance(value, str) and value.count(":") == 1:
+        left, right = value.split(":")
+        try:
+            n, m = int(left), int(right)
+        except ValueError:
+            raise BenchError(f"N:M pattern {value!r} must look like '2:4' (N kept of every M)") from None
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        n, m = value
+    else:
+        raise BenchError(f"N:M pattern {value!r} must look like '2:4' (N kept of every M, 1 <= N <= M)")
+    if not 1 <= n <= m:
+        raise BenchError(f"N:M pattern {n}:{m} is invalid: need 1 <= N <= M (e.g. 2:4, 1:4, 2:8)")
+    return NMPattern(n, m)
+
+
+def pattern_for_sparsity(sparsity: float, m: int) -> NMPattern:
+    """The N:M pattern with ``1 - N/M == sparsity`` (0.5 -> 2:4, 0.25 -> 3:4, 0.75 -> 1:4 for M = 4)."""
+    n = m * (1.0 - sparsity)
+    if not 0.0 < sparsity < 1.0 or abs(n - round(n)) > 1e-6:
+        allowed = ", ".join(f"{1 - k / m:g}" for k in range(m - 1, 0, -1))
+        raise BenchError(f"sparsity {sparsity:g} is not 1 - N/{m} for an integer N; allowed with M={m}: {allowed}")
+    return NMPattern(int(round(n)), m)
+
+
+# ---------------------------------------------------------------- masks
+def _grouped(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``weight`` viewed as ``(out, in / m, m, rest)``: group members on axis 2 (NHWC grouping for convs)."""
+    return weight.reshape(weight.shape[0], weight.shape[1] // m, m, -1)
+
+
+def _to_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``weight`` as an ``(m, groups)`` matrix: column g holds the members of N:M group g, and each row
+    is contiguous, so the per-member compares below stream through memory."""
+    return _grouped(weight.detach(), m).permute(2, 0, 1, 3).reshape(m, -1)
+
+
+def _from_groups(members: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
+    """Inverse of :func:`_to_groups` for an ``(m, groups)`` mask."""
+    return members.reshape(m, shape[0], shape[1] // m, -1).permute(1, 2, 0, 3).reshape(shape)
+
+
+def _keep_top_n(members: torch.Tensor, n: int) -> torch.Tensor:
+    """0/1 mask (dtype of ``members``) keeping the ``n`` largest entries of every column of an
+    ``(m, groups)`` matrix, exactly ``n`` per column; a tie goes to the lower row. For small M the rank
+    of each entry (how many others beat it) comes from M(M-1)/2 row compares written into a float
+    buffer: on CPU that beats ``topk`` + ``scatter`` and avoids bool->int conversions."""
+    m = members.shape[0]
+    if m > _PAIRWISE_MAX_M:
+        rows = members.t()
+        keep = rows.topk(n, dim=1, sorted=False).indices
+        return torch.zeros_like(rows).scatter_(1, keep, 1.0).t()
+    ranks = torch.arange(m, dtype=members.dtype, device=members.device)[:, None].expand_as(members).clone()
+    later_wins = torch.empty_like(members[0])
+    for i in range(m):
+        for j in range(i + 1, m):
+            # ranks start at the row index (every earlier row wins a tie); a strict win of the later
+            # row j moves one unit of rank from j to i
+            torch.gt(members[j], members[i], out=later_wins)
+            ranks[i].add_(later_wins)
+            ranks[j].sub_(later_wins)
+    return ranks.lt_(n)
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """0/1 mask (dtype of ``weight``) keeping the ``n`` largest ``|w|`` of every group of ``m`` input
+    weights, exactly ``n`` per group (ties go to the lower input index). ``weight.shape[1]`` must be a
+    multiple of ``m``."""
+    return nm_masks([weight], n, m)[0]
+
+
+def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
+    """:func:`nm_mask` of several weights in one pass: the groups of all layers are stacked into one
+    matrix, so a small model pays a few tensor ops per layer instead of a few dozen."""
+    for weight in weights:
+        if weight.dim() < 2 or weight.shape[1] % m:
+            raise ValueError(f"weight of shape {tuple(weight.shape)}: input dim is not a multiple of M={m}")
+    if n >= m:
+        return [torch.ones_like(w) for w in weights]
+    groups = [_to_groups(w, m) for w in weights]
+    # cat copies, so abs_ is safe there; a single weight's group view may alias the weight itself
+    magnitudes = torch.cat(groups, dim=1).abs_() if len(groups) > 1 else groups[0].abs()
+    keep = _keep_top_n(magnitudes, n)
+    parts = keep.split([g.shape[1] for g in groups], dim=1)
+    return [_from_groups(part, w.shape, m) for part, w in zip(parts, weights, strict=True)]
+
+
+def nonzeros_per_group(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzero count of every N:M group of ``weight`` (flattened), for checking a pattern."""
+    return _grouped(weight.detach() != 0, m).sum(dim=2).flatten()
+
+
+def global_magnitude_masks(weights: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
+    """0/1 masks keeping the ``density`` fraction of largest ``|w|`` over all ``weights`` together
+    (one global magnitude threshold; weights tied with the threshold are pruned)."""
+    magnitudes = torch.cat([w.detach().reshape(-1) for w in weights]).abs_()
+    pruned = int(round((1.0 - density) * magnitudes.numel()))
+    if pruned <= 0:
+        return [torch.ones_like(w) for w in weights]
+    keep = (magnitudes > magnitudes.kthvalue(pruned).values).to(magnitudes.dtype)
+    return [part.view_as(w) for part, w in zip(keep.split([w.numel() for w in weights]), weights, strict=True)]
+
+
+# ---------------------------------------------------------------- SR-STE
+class SRSTE(torch.autograd.Function):
+    """Forward ``w * mask``; backward ``grad + lambda * (1 - mask) * w`` to the dense weight (SR-STE).
+
+    ``mask`` is a 0/1 tensor of the weight's dtype (bool masks would cost a conversion per use)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.lam = lam
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight, mask = ctx.saved_tensors
+        if ctx.lam == 0:
+            return grad, None, None
+        return torch.addcmul(grad, weight, 1.0 - mask, value=ctx.lam), None, None
+
+
+class MaskController:
+    """What every masked layer of one model shares: the pattern in force, the mask type, SR-STE lambda.
+
+    Switching a progressive stage is one assignment to :attr:`pattern`. The masks of all layers are
+    computed together (:func:`nm_masks`, or one global magnitude threshold) and recomputed as soon as
+    the pattern or any masked weight changed since the last computation: tensor versions, which the
+    optimizer step, the EMA copy and ``load_state_dict`` bump, tell. In training that is once per
+    step, so every forward sees the mask of the current dense weights. (Writes through ``.data`` do not
+    bump versions; nothing in the harness makes them.)
+    """
+
+    def __init__(self, pattern: NMPattern, mask_type: str = "nm", lam: float = SRSTE_LAMBDA) -> None:
+        if mask_type not in MASK_TYPES:
+            raise BenchError(f"mask type {mask_type!r} is not one of {', '.join(MASK_TYPES)}")
+        self.pattern = pattern
+        self.mask_type = mask_type
+        self.lam = lam
+        self.weights: list[torch.Tensor] = []
+        self._masks: list[torch.Tensor] = []
+        self._versions: list[int] = []
+        self._pattern_of_masks: NMPattern | None = None
+
+    def refresh(self) -> None:
+        """Recompute every layer's mask from the current dense weights."""
+        weights = [w.detach() for w in self.weights]
+        if self.mask_type == "unstructured":
+            self._masks = global_magnitude_masks(weights, self.pattern.density)
+        else:
+            self._masks = nm_masks(weights, self.pattern.n, self.pattern.m)
+        self._versions = [w._version for w in self.weights]
+        self._pattern_of_masks = self.pattern
+
+    def mask(self, index: int, weight: torch.Tensor) -> torch.Tensor | None:
+        """Mask of masked layer ``index`` (whose dense weight is ``weight``); None when nothing is pruned."""
+        if self.pattern.is_dense:
+            return None
+        if (self._pattern_of_masks != self.pattern or index >= len(self._masks)
+                or self._versions[index] != weight._version or self._masks[index].shape != weight.shape):
+            self.refresh()
+        return self._masks[index]
+
+
+class SparseWeight(nn.Module):
+    """Parametrization ``weight -> weight * mask(weight)`` with the SR-STE backward while training."""
+
+    def __init__(self, controller: MaskController, index: int) -> None:
+        super().__init__()
+        self.controller = controller
+        self.index = index
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = self.controller.mask(self.index, weight)
+        if mask is None:
+            return weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            return SRSTE.apply(weight, mask, self.controller.lam)
+        return weight * mask
+
+
+# ---------------------------------------------------------------- which layers
+@dataclass
+class MaskPlan:
+    """Which Conv2d/Linear layers are masked, and why the others stay dense (for the record)."""
+
+    masked: list[str] = field(default_factory=list)
+    dense_kept: dict[str, str] = field(default_factory=dict)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def plan_layers(model: nn.Module, m: int, keep_dense: Iterable[str] = DEFAULT_KEEP_DENSE,
+                mask_type: str = "nm") -> MaskPlan:
+    """Masked layers: every Conv2d/Linear not named (or glob-matched) by ``keep_dense``; for N:M also
+    needs an input dimension (``weight.shape[1]``) that is a multiple of ``m``, otherwise it stays dense."""
+    keep_dense = list(keep_dense)
+    plan = MaskPlan()
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        in_dim = module.weight.shape[1]
+        if _matches(name, keep_dense):
+            plan.dense_kept[name] = "kept dense by keep_dense"
+        elif mask_type == "nm" and in_dim % m:
+            plan.dense_kept[name] = f"input dim {in_dim} is not a multiple of M={m}"
+        else:
+            plan.masked.append(name)
+    return plan
+
+
+def attach_masks(model: nn.Module, controller: MaskController,
+                 keep_dense: Iterable[str] = DEFAULT_KEEP_DENSE) -> MaskPlan:
+    """Register a :class:`SparseWeight` parametrization on every layer the plan masks (in place)."""
+    plan = plan_layers(model, controller.pattern.m, keep_dense, controller.mask_type)
+    modules = dict(model.named_modules())
+    # registration runs the parametrization once, so the controller must know every weight first
+    controller.weights = [modules[name].weight for name in plan.masked]
+    for index, name in enumerate(plan.masked):
+        parametrize.register_parametrization(modules[name], "weight", SparseWeight(controller, index))
+    # parametrize keeps the same Parameter objects as ``original``: optimizers and EMA update these
+    controller.weights[:] = [modules[name].parametrizations.weight.original for name in plan.masked]
+    return plan
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers carrying a :class:`SparseWeight` parametrization, by name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module, "weight")
+        and any(isinstance(p, SparseWeight) for p in module.parametrizations.weight)
+    }
+
+
+def remove_masks(model: nn.Module, keep_masked: bool = False) -> nn.Module:
+    """Drop the parametrizations (in place): the dense weights stay, or the masked ones if ``keep_masked``."""
+    for module in masked_modules(model).values():
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep_masked)
+    return model
+
+
+@torch.no_grad()
+def apply_fixed_masks(model: nn.Module, pattern: NMPattern, keep_dense: Iterable[str] = DEFAULT_KEEP_DENSE,
+                      mask_type: str = "nm") -> MaskPlan:
+    """Zero the pruned weights of a plain (unparametrized) model for ``pattern``, once, in place.
+
+    The mask is computed from the model's current weights, so one fine-tuned model yields any N:M
+    (SparseDM's switchable inference sparsity); a layer whose input dim is not a multiple of
+    ``pattern.m`` stays dense for that pattern and is listed in the plan.
+    """
+    plan = plan_layers(model, pattern.m, keep_dense, mask_type)
+    modules = dict(model.named_modules())
+    if pattern.is_dense:
+        return plan
+    weights = [modules[name].weight for name in plan.masked]
+    if mask_type == "unstructured":
+        masks = global_magnitude_masks(weights, pattern.density)
+    else:
+        masks = nm_masks(weights, pattern.n, pattern.m)
+    for weight, mask in zip(weights, masks, strict=True):
+        weight.mul_(mask)
+    return plan
+
+
+# ---------------------------------------------------------------- progressive stages
+def stage_starts(total_steps: int, shares: Sequence[float]) -> list[int]:
+    """First optimizer step of each stage when stage ``i`` gets ``shares[i] / sum(shares)`` of the budget."""
+    total_share = float(sum(shares))
+    starts, acc = [], 0.0
+    for share in shares:
+        starts.append(math.floor(acc / total_share * total_steps + 0.5))  # round half up, not to even
+        acc += share
+    return starts
+
+
+def stage_at(step: int, starts: Sequence[int]) -> int:
+    """Index of the stage in force at ``step`` (the last stage whose start is <= step)."""
+    index = 0
+    for i, start in enumerate(starts):
+        if step >= start:
+            index = i
+    return index
+
+
+# ---------------------------------------------------------------- sparse kernels (GPU)
+def semi_structured_compatible(weight: torch.Tensor) -> bool:
+    """True if every aligned group of 4 along the rows of a 2-D weight has at most 2 nonzeros
+    (2:4 itself, and also 1:4, 1:8, 2:8, 2:16 ... which are subsets of it)."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool((nonzeros_per_group(weight, 4) <= 2).all())
+
+
+def sparse_kernel_support(device: torch.device) -> tuple[bool, str]:
+    """Whether this device runs PyTorch's semi-structured (2:4) kernels, and why not if it does not."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, ("skipped: 2:4 sparse kernels need a CUDA GPU with compute capability >= 8.0 "
+                       f"(device: {device.type})")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"skipped: compute capability {major}.{minor} < 8.0 has no 2:4 sparse tensor cores"
+    return True, f"compute capability {major}.{minor}"
+
+
+def _to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
+    """The sparse tensor for ``weight``: ``to_sparse_semi_structured`` (cuSPARSELt, fp16/bf16/int8);
+    fp32 weights go to the CUTLASS backend, the one that has an fp32 (TF32 tensor core) kernel."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
+
+    if weight.dtype == torch.float32:
+        return SparseSemiStructuredTensorCUTLASS.from_dense(weight)
+    return to_sparse_semi_structured(weight)
+
+
+class SemiStructuredLinear(nn.Linear):
+    """A Linear that multiplies with a 2:4 semi-structured copy of its (already masked) weight on CUDA.
+
+    The dense masked ``weight`` stays the parameter, so state dicts, ``save_pretrained`` and the MAC
+    counter see an ordinary Linear at its true density; under tracing (fvcore) and off CUDA the dense
+    path runs. Inputs are flattened to 2-D because the sparse kernels do not broadcast.
+    """
+
+    sparse_weight: torch.Tensor
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, sparse_weight: torch.Tensor) -> SemiStructuredLinear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.sparse_weight = sparse_weight
+        return layer.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or x.device.type != "cuda":
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = F.linear(flat, self.sparse_weight, self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@dataclass
+class SparseKernelReport:
+    """What :func:`convert_semi_structured` did, for the record."""
+
+    ran: bool
+    layers: list[str]
+    skipped: dict[str, str]
+    note: str
+
+    def as_info(self) -> dict[str, Any]:
+        return {"sparse_kernel": self.ran, "sparse_kernel_layers": self.layers,
+                "sparse_kernel_skipped": self.skipped, "sparse_kernel_note": self.note}
+
+
+@torch.no_grad()
+def convert_semi_structured(model: nn.Module, names: Iterable[str], device: torch.device,
+                            atol: float = 1e-2) -> SparseKernelReport:
+    """Swap each named 2:4-compatible Linear for a :class:`SemiStructuredLinear` (in place).
+
+    Convolutions are not converted: PyTorch's semi-structured tensors only dispatch matmul/linear. A
+    layer whose shape the kernel rejects, or whose sparse output differs from the dense one by more
+    than ``atol`` (relative to the output scale), stays dense and is listed with the reason.
+    """
+    supported, reason = sparse_kernel_support(device)
+    if not supported:
+        return SparseKernelReport(False, [], {}, reason)
+    modules = dict(model.named_modules())
+    converted: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        module = modules[name]
+        if not isinstance(module, nn.Linear) or isinstance(module, SemiStructuredLinear):
+            continue
+        if not semi_structured_compatible(module.weight):
+            skipped[name] = "weight is not 2:4-compatible"
+            continue
+        try:
+            sparse = _to_semi_structured(module.weight.detach())
+            layer = SemiStructuredLinear.from_linear(module, sparse)
+            probe = torch.randn(64, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+            expected = F.linear(probe, module.weight, module.bias)
+            error = float((layer(probe) - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            continue
+        if not math.isfinite(error) or error > atol:
+            skipped[name] = f"sparse output differs from dense by {error:.3g} (relative)"
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+        converted.append(name)
+    note = f"{len(converted)} Linear layer(s) on 2:4 sparse kernels ({reason}); convs stay dense"
+    return SparseKernelReport(bool(converted), converted, skipped, note)

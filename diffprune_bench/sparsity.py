@@ -1,0 +1,297 @@
+"""Unstructured weight masks shared by methods: layer densities (ERK / uniform) and a mask manager.
+
+A :class:`MaskManager` owns one boolean mask per maskable Conv2d/Linear weight. Masks live as a buffer
+(``weight_mask``) on their module, so they travel in the model's state dict and a resumed run gets them
+back with the weights. The manager keeps pruned weights exactly zero (it multiplies after every
+optimizer step), masks gradients so clipping and the optimizer only see active weights, and zeroes the
+optimizer's per-weight state (Adam ``exp_avg`` / ``exp_avg_sq``) of pruned and of newly grown weights:
+some public RigL ports reset only SGD momentum, which lets stale Adam moments move a regrown weight on
+its first step.
+
+Layer densities follow Evci et al. 2020 ("Rigging the Lottery", google-research/rigl
+``sparse_utils``): Erdos-Renyi-Kernel gives layer ``l`` a density proportional to
+``raw_l = sum(shape_l) / prod(shape_l)``, scaled by one ``eps`` so the total number of active weights
+is ``(1 - sparsity) x maskable``; a layer whose ``eps x raw_l`` would exceed 1 is made dense and ``eps``
+recomputed for the rest. N:M masks live in ``nm.py``; this module is only for unstructured masks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BenchError
+
+MASK_BUFFER = "weight_mask"
+DISTRIBUTIONS = ("erk", "uniform")
+#: the UNet's input and output convs stay dense by default, as in RigL (first layer dense) and the
+#: sparse-to-sparse DM setup: they hold few weights and touch every pixel.
+DEFAULT_DENSE_LAYERS: tuple[str, ...] = ("conv_in", "conv_out")
+
+
+# ---------------------------------------------------------------- layer densities
+def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel densities with dense capping (RigL's ``erdos_renyi_kernel``).
+
+    ``density_l = eps x raw_l`` with ``raw_l = sum(shape) / prod(shape)`` and ``eps`` such that
+    ``sum_l density_l x n_l = density x sum_l n_l``. Every layer with ``eps x raw_l > 1`` becomes dense
+    and ``eps`` is recomputed over the remaining layers, until none exceeds 1. Capping frees budget, so
+    ``eps`` only grows and a layer under 1 before may cross it after (the loop handles the cascade).
+    """
+    _check_density(density)
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    target = density * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        sparse = [name for name in shapes if name not in dense]
+        if not sparse:
+            break
+        budget = target - sum(sizes[name] for name in dense)
+        eps = budget / sum(raw[name] * sizes[name] for name in sparse)
+        over = [name for name in sparse if eps * raw[name] > 1.0]
+        if not over:
+            return {name: 1.0 if name in dense else eps * raw[name] for name in shapes}
+        dense.update(over)
+    return dict.fromkeys(shapes, 1.0)
+
+
+def uniform_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
+    """Every maskable layer at the same density."""
+    _check_density(density)
+    return dict.fromkeys(shapes, density)
+
+
+def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, distribution: str) -> dict[str, float]:
+    if distribution == "erk":
+        return erk_densities(shapes, density)
+    if distribution == "uniform":
+        return uniform_densities(shapes, density)
+    raise BenchError(f"unknown density distribution {distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+
+
+def allocate_counts(sizes: Mapping[str, int], densities: Mapping[str, float], total: int) -> dict[str, int]:
+    """Integer active counts per layer, close to ``density x size`` and summing exactly to ``total``.
+
+    Largest-remainder rounding: floor every layer, then give the missing units to the layers with the
+    largest fractional parts (never above a layer's size), so the global sparsity is exact.
+    """
+    if not 0 <= total <= sum(sizes.values()):
+        raise ValueError(f"cannot place {total} active weights in {sum(sizes.values())} maskable weights")
+    wanted = {name: min(densities[name], 1.0) * sizes[name] for name in sizes}
+    counts = {name: min(int(math.floor(value)), sizes[name]) for name, value in wanted.items()}
+    missing = total - sum(counts.values())
+    by_remainder = sorted(sizes, key=lambda name: wanted[name] - counts[name], reverse=True)
+    while missing != 0:
+        step = 1 if missing > 0 else -1
+        changed = False
+        order = by_remainder if step > 0 else list(reversed(by_remainder))
+        for name in order:
+            if missing == 0:
+                break
+            if (step > 0 and counts[name] < sizes[name]) or (step < 0 and counts[name] > 0):
+                counts[name] += step
+                missing -= step
+                changed = True
+        if not changed:  # pragma: no cover - excluded by the range check above
+            raise ValueError("could not allocate active weights")
+    return counts
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise BenchError(f"density {density!r} is outside (0, 1]; sparsity must be in [0, 1)")
+
+
+# ---------------------------------------------------------------- the manager
+class MaskManager:
+    """Boolean masks over the Conv2d/Linear weights of ``model``.
+
+    ``dense_layers`` are module names or fnmatch patterns (``"up_blocks.*.attentions.*"``) kept dense
+    and unmasked. Call :meth:`init_random` (or :meth:`set_masks`) once, then in training
+    :meth:`mask_gradients` after backward and :meth:`apply` after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dense_layers: Iterable[str] = DEFAULT_DENSE_LAYERS,
+        layer_types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear),
+    ) -> None:
+        self.dense_patterns = tuple(dense_layers)
+        self.modules: dict[str, nn.Module] = {}
+        self.excluded: list[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, layer_types) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.dense_patterns):
+                self.excluded.append(name)
+            else:
+                self.modules[name] = module
+        if not self.modules:
+            raise BenchError(
+                f"no maskable Conv2d/Linear layer left after dense_layers={list(self.dense_patterns)}; "
+                "keep fewer layers dense"
+            )
+        for module in self.modules.values():
+            if not hasattr(module, MASK_BUFFER):
+                module.register_buffer(MASK_BUFFER, torch.ones_like(module.weight, dtype=torch.bool))
+
+    # -- reading
+    def mask(self, name: str) -> torch.Tensor:
+        """The live mask buffer of layer ``name`` (loading a state dict updates it in place)."""
+        return getattr(self.modules[name], MASK_BUFFER)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: self.mask(name) for name in self.modules}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(module.weight.shape) for name, module in self.modules.items()}
+
+    @property
+    def maskable_params(self) -> int:
+        return sum(module.weight.numel() for module in self.modules.values())
+
+    def active_counts(self) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in self.masks().items()}
+
+    @property
+    def active_params(self) -> int:
+        return sum(self.active_counts().values())
+
+    def sparsity(self) -> float:
+        """Fraction of maskable weights that are masked out."""
+        return 1.0 - self.active_params / self.maskable_params
+
+    def density_report(self) -> dict[str, dict[str, object]]:
+        """Per layer: shape, number of weights, active weights and density."""
+        report: dict[str, dict[str, object]] = {}
+        for name, module in self.modules.items():
+            active = int(self.mask(name).sum())
+            report[name] = {"shape": list(module.weight.shape), "params": module.weight.numel(),
+                            "active": active, "density": round(active / module.weight.numel(), 6)}
+        return report
+
+    def summary(self) -> dict[str, object]:
+        """What a record should say about the masks (for ``Deployable.info``)."""
+        return {
+            "sparsity_achieved": round(self.sparsity(), 6),
+            "maskable_params": self.maskable_params,
+            "active_params": self.active_params,
+            "dense_layers": list(self.excluded),
+            "per_layer_density": {name: entry["density"] for name, entry in self.density_report().items()},
+        }
+
+    # -- writing
+    @torch.no_grad()
+    def init_random(self, sparsity: float, distribution: str = "erk", generator: torch.Generator | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Random masks with exactly ``round((1 - sparsity) x maskable)`` active weights in total, spread
+        over layers by ``distribution``; positions drawn uniformly per layer with ``generator`` (CPU)."""
+        densities = layer_densities(self.shapes(), 1.0 - sparsity, distribution)
+        sizes = {name: module.weight.numel() for name, module in self.modules.items()}
+        total = round((1.0 - sparsity) * self.maskable_params)
+        counts = allocate_counts(sizes, densities, total)
+        masks = {}
+        for name, module in self.modules.items():
+            order = torch.randperm(sizes[name], generator=generator)
+            flat = torch.zeros(sizes[name], dtype=torch.bool)
+            flat[order[: counts[name]]] = True
+            masks[name] = flat.view_as(module.weight)
+        self.set_masks(masks, optimizer)
+        return counts
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Replace the masks of the named layers and apply them."""
+        for name, new in masks.items():
+            mask = self.mask(name)
+            if new.shape != mask.shape:
+                raise ValueError(f"mask for {name} has shape {tuple(new.shape)}, weight has {tuple(mask.shape)}")
+            mask.copy_(new.to(mask.device, torch.bool))
+        self.apply(optimizer)
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero every pruned weight and, when given, the optimizer state of pruned weights."""
+        for name, module in self.modules.items():
+            mask = self.mask(name)
+            module.weight.mul_(mask)
+            if optimizer is not None:
+                zero_optimizer_state(optimizer, module.weight, ~mask)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradient of pruned weights, so clipping and the optimizer see only active ones."""
+        for name, module in self.modules.items():
+            if module.weight.grad is not None:
+                module.weight.grad.mul_(self.mask(name))
+
+    @torch.no_grad()
+    def drop_and_grow(self, name: str, n: int, grow_scores: torch.Tensor,
+                      optimizer: torch.optim.Optimizer | None = None) -> int:
+        """One RigL-style update of layer ``name``; returns how many positions became active.
+
+        Drops the ``n`` active weights of smallest magnitude, then activates the ``n`` positions with
+        the largest ``grow_scores`` among all positions not kept (a weight dropped here may be regrown:
+        it then keeps its value, as RigL's ``reinit_when_same=False``). Newly active weights start at 0
+        and their optimizer state is zeroed, as is that of the dropped ones. The layer's active count
+        is unchanged.
+        """
+        module = self.modules[name]
+        mask = self.mask(name)
+        weight = module.weight
+        flat_mask = mask.view(-1)
+        active = int(flat_mask.sum())
+        n = min(int(n), active)
+        if n <= 0:
+            return 0
+        keep_scores = weight.detach().abs().reshape(-1).masked_fill(~flat_mask, -math.inf)
+        keep = torch.topk(keep_scores, active - n, sorted=False).indices
+        kept = torch.zeros_like(flat_mask)
+        kept[keep] = True
+        candidates = grow_scores.detach().reshape(-1).to(weight.device, torch.float32).masked_fill(kept, -math.inf)
+        grow = torch.topk(candidates, n, sorted=False).indices
+        new = kept.clone()
+        new[grow] = True
+        newly_active = (new & ~flat_mask).view_as(mask)
+        dropped = (flat_mask & ~new).view_as(mask)
+        mask.copy_(new.view_as(mask))
+        weight.masked_fill_(newly_active | dropped, 0.0)
+        if optimizer is not None:
+            zero_optimizer_state(optimizer, weight, newly_active | dropped)
+        return int(newly_active.sum())
+
+    def remove(self) -> None:
+        """Apply the masks and drop the buffers: the model becomes a plain one with zeros in it
+        (what is exported and saved; its checkpoint then loads into an unmasked model)."""
+        self.apply()
+        for module in self.modules.values():
+            if MASK_BUFFER in module._buffers:
+                del module._buffers[MASK_BUFFER]
+
+
+@torch.no_grad()
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, positions: torch.Tensor) -> None:
+    """Zero every per-element state tensor of ``param`` (Adam's exp_avg, exp_avg_sq, max_exp_avg_sq,
+    SGD's momentum_buffer) at ``positions`` (a boolean tensor shaped like ``param``)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.masked_fill_(positions, 0)
+
+
+def drop_fraction_at(step: int, alpha: float, end_step: float, decay: str = "cosine") -> float:
+    """RigL's drop fraction after ``step`` optimizer steps: ``alpha / 2 x (1 + cos(pi step / T_end))``
+    (cosine, Evci et al. 2020 eq. 1) or ``alpha`` (constant); 0 after ``T_end``."""
+    if end_step <= 0 or step > end_step:
+        return 0.0
+    if decay == "constant":
+        return alpha
+    return alpha / 2 * (1 + math.cos(math.pi * step / end_step))

@@ -1,0 +1,457 @@
+"""Benchmark suites: a YAML grid of datasets x methods x sparsities x seeds run under one budget.
+
+A suite is data, like an lm-evaluation-harness task file: it names the cells and the options they
+share (training budget and evaluation protocol), and :func:`sweep` runs every cell that has no ``ok``
+record yet. Records are matched by suite name, dataset, method, sparsity, seed and the cell's options,
+so a sweep that was killed resumes where it stopped (a cell killed part-way continues from its
+training checkpoint) and a sweep whose budget was edited re-runs every cell under the new budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, config_fields, make_config, yaml_load
+from .errors import BenchError
+from .registry import build_params, get_method_class
+from .results import RECORD_NAME, load_records, utc_now, write_record
+
+SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params")
+REQUIRED_KEYS = ("name", "datasets", "methods", "sparsities", "seeds")
+BASELINE_METHOD = "dense"
+#: RunConfig fields a suite cannot set in ``options``: they are the grid's axes or set by the sweep.
+AXIS_FIELDS = ("method", "dataset", "sparsity", "seed", "suite", "method_params", "run_id", "resume")
+#: Options that say where or how a cell runs, not what it measures: changing them never re-runs a cell.
+BOOKKEEPING_FIELDS = (
+    "results_dir", "cache_dir", "data_root", "download", "num_workers", "device", "checkpoint_every",
+)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_RESULTS_DIR = "results/runs"
+
+RunFn = Callable[[RunConfig], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: one training run (which may write several variant records)."""
+
+    dataset: str
+    method: str
+    sparsity: float
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.dataset}/{self.method} s={self.sparsity:g} seed={self.seed}"
+
+
+@dataclass
+class Suite:
+    """A validated suite; ``methods`` is resolved (``all`` -> every registered method but dense)."""
+
+    name: str
+    datasets: list[str]
+    methods: list[str]
+    sparsities: list[float]
+    seeds: list[int]
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "<suite>"
+
+    def cells(self) -> list[Cell]:
+        """Dense once per dataset x seed at sparsity 0 (it also trains the cached base every other
+        cell of that seed starts from, so it runs first), then every method at every sparsity."""
+        cells: list[Cell] = []
+        for dataset in self.datasets:
+            for seed in self.seeds:
+                cells.append(Cell(dataset, BASELINE_METHOD, 0.0, seed))
+                cells.extend(Cell(dataset, m, s, seed) for m in self.methods for s in self.sparsities)
+        return cells
+
+    def with_seeds(self, seeds: Iterable[int]) -> Suite:
+        return dataclasses.replace(self, seeds=list(seeds))
+
+    def measured_options(self) -> dict[str, Any]:
+        """The options that define what a cell measures (bookkeeping options left out)."""
+        return {k: v for k, v in sorted(self.options.items()) if k not in BOOKKEEPING_FIELDS}
+
+    def cell_key(self, cell: Cell) -> dict[str, Any]:
+        """What a record must agree with to count as this cell's result."""
+        return {
+            "suite": self.name,
+            "dataset": cell.dataset,
+            "method": cell.method,
+            "sparsity": cell.sparsity,
+            "seed": cell.seed,
+            "method_params": self.method_params.get(cell.method, {}),
+            **self.measured_options(),
+        }
+
+    def run_id(self, cell: Cell) -> str:
+        """Deterministic, so a killed cell is found again and continues from its checkpoint."""
+        digest = hashlib.sha256(json.dumps(self.cell_key(cell), sort_keys=True, default=str).encode())
+        stem = f"{self.name}-{cell.dataset}-{cell.method}-s{cell.sparsity:g}-seed{cell.seed}"
+        return f"{stem}-{digest.hexdigest()[:8]}"
+
+    def cell_config(self, cell: Cell, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """The validated RunConfig of ``cell``; ``overrides`` may set bookkeeping options only."""
+        values = {**self.options, **(overrides or {})}
+        values.update(
+            dataset=cell.dataset,
+            method=cell.method,
+            sparsity=cell.sparsity,
+            seed=cell.seed,
+            suite=self.name,
+            method_params=dict(self.method_params.get(cell.method, {})),
+            run_id=self.run_id(cell),
+        )
+        try:
+            return make_config(values)
+        except BenchError as error:
+            raise BenchError(f"suite {self.source}: {error}") from None
+        except (TypeError, ValueError) as error:  # e.g. a string where a number belongs
+            raise BenchError(f"suite {self.source}: bad option value ({error})") from None
+
+
+# ---------------------------------------------------------------- loading and validation
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite YAML file (the format is documented in ``benchmarks/digits.yaml``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"suite file {str(path)!r} does not exist")
+    try:
+        data = yaml_load(path.read_text())
+    except Exception as error:  # noqa: BLE001 - any YAML error becomes one line
+        raise BenchError(
+            f"suite file {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}"
+        ) from None
+    return parse_suite(data, source=str(path))
+
+
+def parse_suite(data: Any, source: str = "<suite>") -> Suite:
+    """Validate a suite mapping; every problem is a one-line :class:`BenchError` naming the value."""
+
+    def fail(message: str) -> BenchError:
+        return BenchError(f"suite {source}: {message}")
+
+    if not isinstance(data, dict):
+        raise fail("must be a mapping with keys " + ", ".join(SUITE_KEYS))
+    unknown = sorted(set(map(str, data)) - set(SUITE_KEYS))
+    if unknown:
+        raise fail(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SUITE_KEYS)}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise fail(f"missing key(s) {', '.join(missing)}")
+
+    name = data["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise fail(f"name {name!r} must be a word of letters, digits, '-', '_' or '.'")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise fail(f"description {description!r} must be a string")
+
+    datasets = _name_list(data["datasets"], "datasets", fail)
+    from .data import dataset_names
+
+    for dataset in datasets:
+        if dataset not in dataset_names():
+            raise fail(f"unknown dataset {dataset!r}; available: {', '.join(dataset_names())}")
+
+    methods = _resolve_methods(data["methods"], fail)
+    sparsities = _sparsities(data["sparsities"], fail)
+    seeds = _seeds(data["seeds"], fail)
+    options = _options(data.get("options") or {}, fail)
+    method_params = _method_params(data.get("method_params") or {}, methods, fail)
+
+    suite = Suite(
+        name=name,
+        description=description,
+        datasets=datasets,
+        methods=methods,
+        sparsities=sparsities,
+        seeds=seeds,
+        options=options,
+        method_params=method_params,
+        source=source,
+    )
+    for cell in _one_cell_per_method_and_dataset(suite):
+        suite.cell_config(cell)  # validates option values and method parameters once, before any run
+    return suite
+
+
+def _name_list(value: Any, key: str, fail: Callable[[str], BenchError]) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise fail(f"{key} {value!r} must be a non-empty list of names")
+    duplicates = sorted({v for v in value if value.count(v) > 1})
+    if duplicates:
+        raise fail(f"{key} lists {', '.join(duplicates)} more than once")
+    return list(value)
+
+
+def _resolve_methods(value: Any, fail: Callable[[str], BenchError]) -> list[str]:
+    """``all`` -> every registered method (so methods added later join the suite without an edit)."""
+    from .registry import method_names
+
+    registered = method_names()
+    if value == "all":
+        names = list(registered)
+    elif isinstance(value, str):
+        raise fail(f"methods {value!r} must be 'all' or a list of method names")
+    else:
+        names = _name_list(value, "methods", fail)
+        for name in names:
+            if name not in registered:
+                raise fail(f"unknown method {name!r}; available: {', '.join(registered)}")
+    return [n for n in names if n != BASELINE_METHOD]  # the baseline runs once per dataset x seed anyway
+
+
+def _sparsities(value: Any, fail: Callable[[str], BenchError]) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise fail(f"sparsities {value!r} must be a non-empty list of numbers in (0, 1)")
+    result: list[float] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 < float(item) < 1.0:
+            raise fail(
+                f"sparsity {item!r} must be a number in (0, 1) (the dense baseline row is added by itself)"
+            )
+        if any(math.isclose(float(item), seen) for seen in result):
+            raise fail(f"sparsity {item!r} is listed more than once")
+        result.append(float(item))
+    return result
+
+
+def _seeds(value: Any, fail: Callable[[str], BenchError]) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise fail(f"seeds {value!r} must be a non-empty list of non-negative integers")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise fail(f"seed {item!r} must be a non-negative integer")
+    if len(set(value)) != len(value):
+        raise fail(f"seeds {value!r} list a seed more than once")
+    return list(value)
+
+
+def _options(value: Any, fail: Callable[[str], BenchError]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise fail(f"options {value!r} must be a mapping of run option: value")
+    options = {str(k).replace("-", "_"): v for k, v in value.items()}
+    for key in options:
+        if key in AXIS_FIELDS:
+            raise fail(
+                f"option {key!r} cannot be set in options: it is one of the suite's axes or set by the sweep"
+            )
+        if key not in config_fields():
+            allowed = sorted(config_fields() - set(AXIS_FIELDS))
+            raise fail(f"unknown option {key!r}; allowed: {', '.join(allowed)}")
+    return options
+
+
+def _method_params(
+    value: Any, methods: list[str], fail: Callable[[str], BenchError]
+) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        raise fail(f"method_params {value!r} must be a mapping of method: {{parameter: value}}")
+    result: dict[str, dict[str, Any]] = {}
+    for method, params in value.items():
+        if method not in methods:
+            raise fail(
+                f"method_params names {method!r}, which is not one of the suite's methods "
+                f"({', '.join(methods)})"
+            )
+        if not isinstance(params, dict):
+            raise fail(f"method_params of {method!r} must be a mapping, not {params!r}")
+        result[method] = {str(k).replace("-", "_"): v for k, v in params.items()}
+        try:
+            build_params(get_method_class(method), result[method])
+        except BenchError as error:
+            raise fail(str(error)) from None
+        except (TypeError, ValueError) as error:  # the Params dataclass rejected a value
+            raise fail(f"method_params of {method!r}: {error}") from None
+    return result
+
+
+def _one_cell_per_method_and_dataset(suite: Suite) -> list[Cell]:
+    seed, sparsity = suite.seeds[0], suite.sparsities[0]
+    return [Cell(d, BASELINE_METHOD, 0.0, seed) for d in suite.datasets] + [
+        Cell(d, m, sparsity, seed) for d in suite.datasets for m in suite.methods
+    ]
+
+
+# ---------------------------------------------------------------- matching records to cells
+def _same(a: Any, b: Any) -> bool:
+    """Equality that survives the JSON round trip (tuples -> lists, 0.5 vs 1/2 float noise)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def record_matches(record: dict[str, Any], key: dict[str, Any]) -> bool:
+    """Whether ``record`` (any variant of the run) was produced for the cell whose key is ``key``."""
+    config = record.get("config") or {}
+    values = {**config, "suite": record.get("suite", config.get("suite"))}
+    return all(k in values and _same(values[k], v) for k, v in key.items())
+
+
+def is_primary(record: dict[str, Any]) -> bool:
+    """The record of the training run itself (a run's other records are its variants)."""
+    return record.get("train_run_id", record.get("run_id")) == record.get("run_id")
+
+
+def cell_records(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> list[dict[str, Any]]:
+    key = suite.cell_key(cell)
+    return [r for r in records if record_matches(r, key)]
+
+
+def cell_done(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> bool:
+    """A cell is done when the record of its training run exists with status ok."""
+    return any(r.get("status") == "ok" and is_primary(r) for r in cell_records(records, suite, cell))
+
+
+# ---------------------------------------------------------------- the sweep
+@dataclass
+class SweepResult:
+    cells: int
+    skipped: list[Cell] = field(default_factory=list)  # already had an ok record
+    completed: list[Cell] = field(default_factory=list)
+    failed: list[tuple[Cell, str]] = field(default_factory=list)
+    results_dir: str = DEFAULT_RESULTS_DIR
+
+    @property
+    def failures(self) -> int:
+        return len(self.failed)
+
+
+def default_run(cfg: RunConfig) -> list[dict[str, Any]]:
+    from .harness import run
+
+    return run(cfg)
+
+
+def sweep(
+    suite: Suite,
+    overrides: dict[str, Any] | None = None,
+    run_fn: RunFn | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Run every cell of ``suite`` without an ``ok`` record; one failing cell never stops the others.
+
+    ``overrides`` sets bookkeeping options (results_dir, cache_dir, device...) for every cell. The
+    returned :class:`SweepResult` says what ran, what was skipped and what failed (and why).
+    """
+    from tqdm.auto import tqdm
+
+    overrides = dict(overrides or {})
+    bad = sorted(set(overrides) - set(BOOKKEEPING_FIELDS))
+    if bad:
+        raise BenchError(
+            f"sweep overrides {', '.join(bad)} are not allowed; allowed: {', '.join(BOOKKEEPING_FIELDS)}"
+        )
+    run_fn = run_fn or default_run
+    configs = [(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()]
+    results_dir = configs[0][1].results_dir
+    records = load_records(results_dir)
+    result = SweepResult(cells=len(configs), results_dir=results_dir)
+    pending = []
+    for cell, cfg in configs:
+        (result.skipped if cell_done(records, suite, cell) else pending).append((cell, cfg))
+    write = log or tqdm.write
+    write(
+        f"suite {suite.name}: {len(configs)} cells, {len(result.skipped)} already done, "
+        f"{len(pending)} to run "
+        f"(records in {results_dir})"
+    )
+    if dry_run:
+        for cell, _ in pending:
+            write(f"  to run: {cell.label()}")
+        return result
+
+    bar = tqdm(
+        total=len(configs),
+        initial=len(result.skipped),
+        desc=f"suite {suite.name}",
+        unit="cell",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
+    for cell, cfg in pending:
+        bar.set_postfix_str(cell.label())
+        cfg = _resume_if_interrupted(cfg)
+        started = time.perf_counter()
+        try:
+            cell_out = run_fn(cfg)
+        except Exception as error:  # noqa: BLE001 - one failing cell never stops the sweep
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            _ensure_failed_record(cfg, reason)
+            result.failed.append((cell, reason))
+            write(f"FAILED {cell.label()}: {reason}")
+        else:
+            result.completed.append(cell)
+            fid = next((r.get("metrics", {}).get("fid") for r in cell_out if is_primary(r)), None)
+            fid_text = f"FID {fid:.3f}" if isinstance(fid, (int, float)) else "no FID"
+            write(f"ok {cell.label()}: {fid_text} ({time.perf_counter() - started:.0f} s)")
+        bar.update(1)
+        bar.set_postfix_str(f"{result.failures} failed")
+    bar.close()
+    write(
+        f"suite {suite.name}: {len(result.completed)} ran, {len(result.skipped)} skipped, "
+        f"{result.failures} failed"
+    )
+    return result
+
+
+def _resume_if_interrupted(cfg: RunConfig) -> RunConfig:
+    """A run folder with a training checkpoint but no record was killed part-way: continue it.
+
+    A folder holding a failed record starts over instead (resuming would repeat the failure)."""
+    from .trainer import CHECKPOINT_NAME
+
+    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
+    killed = (run_dir / "checkpoint" / CHECKPOINT_NAME).is_file() and not (run_dir / RECORD_NAME).is_file()
+    return cfg.replace(resume=killed)
+
+
+def _ensure_failed_record(cfg: RunConfig, reason: str) -> None:
+    """The harness records its own failures; this covers one raised before its run folder existed."""
+    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
+    path = run_dir / RECORD_NAME
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()).get("status") == "failed":
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+    write_record(
+        run_dir,
+        {
+            "run_id": cfg.run_id,
+            "status": "failed",
+            "finished_at": utc_now(),
+            "method": cfg.method,
+            "dataset": cfg.dataset,
+            "sparsity": cfg.sparsity,
+            "seed": cfg.seed,
+            "suite": cfg.suite,
+            "config": cfg.to_dict(),
+            "error": reason,
+            "traceback": traceback.format_exc(limit=8),
+            "paths": {"run_dir": str(run_dir)},
+        },
+    )

@@ -1,0 +1,220 @@
+"""SparseDM (Wang et al. 2024, "SparseDM: Toward Sparse Efficient Diffusion Models"; wangkafeng/SparseDM).
+
+Every Conv2d and Linear of the pre-trained UNet except the input and output convs gets an N:M mask
+(groups of M input weights, NHWC order for convs; see ``diffprune_bench/nm.py``), recomputed from the
+dense weights at every forward and trained with SR-STE. Sparsity grows in stages during fine-tuning
+(4:4 -> 3:4 -> 2:4 for a 2:4 target), and the loss adds distillation from the frozen dense model to the
+epsilon-MSE. Because the dense weights are kept, one fine-tuned model serves several inference
+sparsities: :meth:`SparseDM.export` recomputes the mask for each pattern in ``inference_patterns``
+and the harness writes one record per pattern.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffprune_bench.context import MethodContext
+from diffprune_bench.diffusion import predict_noise
+from diffprune_bench.errors import BenchError
+from diffprune_bench.nm import (
+    DEFAULT_KEEP_DENSE,
+    MASK_TYPES,
+    SRSTE_LAMBDA,
+    MaskController,
+    MaskPlan,
+    NMPattern,
+    apply_fixed_masks,
+    attach_masks,
+    convert_semi_structured,
+    parse_pattern,
+    pattern_for_sparsity,
+    remove_masks,
+    semi_structured_compatible,
+    stage_at,
+    stage_starts,
+)
+from diffprune_bench.registry import Deployable, Method, register_method
+
+GROUPING = "M consecutive input weights; convs: input channels at a fixed kernel position (NHWC)"
+
+
+@dataclass
+class SparseDMParams:
+    """Defaults follow the SparseDM paper and its public code.
+
+    ``m``: group size M (the paper's main setting is 2:4, so M = 4; ``--sparsity s`` trains to
+    N = M(1 - s)). ``stages``: progressive N:M patterns, ending at the target (None: M:M, (M-1):M, ...
+    down to the target, the paper's progressive sparsity); ``stage_shares``: budget share of each stage
+    (None: equal). ``srste_lambda``: SR-STE decay (2e-4 in the reference ``sparse_ops_mask.py``).
+    ``w_eps`` / ``w_kd``: weights of the epsilon-MSE and of the MSE to the frozen dense teacher at the
+    same x_t, t (the reference trains with the teacher's prediction as target). ``keep_dense``: layer
+    names or globs left dense (input/output convs, as in the paper). ``inference_patterns``: N:M patterns
+    evaluated from the one fine-tuned model (None: the target and its neighbours N-1:M, N+1:M).
+    ``mask_type``: "nm", or "unstructured" (global magnitude at density N/M, for comparison).
+    ``sparse_kernel``: export 2:4-compatible Linear layers to semi-structured sparse kernels on CUDA.
+    """
+
+    m: int = 4
+    stages: list[Any] | None = None
+    stage_shares: list[float] | None = None
+    srste_lambda: float = SRSTE_LAMBDA
+    w_eps: float = 1.0
+    w_kd: float = 1.0
+    keep_dense: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_DENSE))
+    inference_patterns: list[Any] | None = None
+    mask_type: str = "nm"
+    sparse_kernel: bool = True
+
+
+def default_stages(target: NMPattern) -> list[NMPattern]:
+    """M:M, (M-1):M, ... down to ``target``: one pruning increment per stage."""
+    return [NMPattern(n, target.m) for n in range(target.m, target.n - 1, -1)]
+
+
+def default_inference_patterns(target: NMPattern) -> list[NMPattern]:
+    """The trained pattern first, then its sparser and denser neighbours with the same M."""
+    neighbours = [NMPattern(n, target.m) for n in (target.n - 1, target.n + 1) if 1 <= n < target.m]
+    return [target, *neighbours]
+
+
+@register_method("sparsedm")
+class SparseDM(Method):
+    family = "n:m"
+    init = "pretrained"
+    description = "N:M masks (SR-STE, progressive N:M, teacher distillation); one record per inference N:M."
+    Params = SparseDMParams
+
+    def __init__(self, params: SparseDMParams | None = None) -> None:
+        super().__init__(params)
+        p: SparseDMParams = self.params
+        if not isinstance(p.m, int) or isinstance(p.m, bool) or p.m < 2:
+            raise BenchError(f"sparsedm m={p.m!r} must be an integer >= 2 (the N:M group size)")
+        if p.mask_type not in MASK_TYPES:
+            raise BenchError(f"sparsedm mask_type {p.mask_type!r} is not one of {', '.join(MASK_TYPES)}")
+        for name in ("srste_lambda", "w_eps", "w_kd"):
+            if not isinstance(getattr(p, name), (int, float)) or getattr(p, name) < 0:
+                raise BenchError(f"sparsedm {name}={getattr(p, name)!r} must be a non-negative number")
+        if p.w_eps == 0 and p.w_kd == 0:
+            raise BenchError("sparsedm w_eps and w_kd are both 0: the loss would be empty")
+        self.stages = [parse_pattern(s) for s in p.stages] if p.stages is not None else None
+        if self.stages is not None and not self.stages:
+            raise BenchError("sparsedm stages is empty; give at least the target pattern, e.g. ['2:4']")
+        self.inference = [parse_pattern(s) for s in p.inference_patterns] if p.inference_patterns else None
+        self.params = dataclasses.replace(
+            p,
+            stages=[s.label for s in self.stages] if self.stages is not None else None,
+            inference_patterns=[s.label for s in self.inference] if self.inference else None,
+        )
+        self.controller: MaskController | None = None
+        self.plan: MaskPlan | None = None
+        self.starts: list[int] = []
+        self.step = 0
+
+    # ------------------------------------------------------------ training
+    def _resolve_stages(self, sparsity: float) -> tuple[NMPattern, list[NMPattern], list[float]]:
+        p: SparseDMParams = self.params
+        target = pattern_for_sparsity(sparsity, p.m)
+        stages = self.stages or default_stages(target)
+        if any(s.m != p.m for s in stages):
+            raise BenchError(f"sparsedm stages {[s.label for s in stages]} must all use M={p.m} (set m to change it)")
+        if stages[-1] != target:
+            raise BenchError(
+                f"sparsedm stages end at {stages[-1].label} but --sparsity {sparsity:g} means {target.label}"
+            )
+        shares = list(p.stage_shares) if p.stage_shares is not None else [1.0] * len(stages)
+        if len(shares) != len(stages) or any(not isinstance(s, (int, float)) or s <= 0 for s in shares):
+            raise BenchError(
+                f"sparsedm stage_shares {p.stage_shares!r} must be {len(stages)} positive numbers (one per stage)"
+            )
+        return target, stages, shares
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        self.target, self.stage_patterns, shares = self._resolve_stages(ctx.sparsity)
+        self.starts = stage_starts(ctx.total_steps, shares)
+        self.controller = MaskController(self.stage_patterns[0], self.params.mask_type, self.params.srste_lambda)
+        self.plan = attach_masks(model, self.controller, self.params.keep_dense)
+        if not self.plan.masked:
+            raise BenchError(f"sparsedm: no layer can be masked with M={self.params.m} and keep_dense "
+                             f"{self.params.keep_dense}")
+        self._set_stage(self.step)
+        return model
+
+    def _set_stage(self, step: int) -> None:
+        assert self.controller is not None
+        self.controller.pattern = self.stage_patterns[stage_at(step, self.starts)]
+
+    def compute_loss(self, model: nn.Module, x0: torch.Tensor, ctx: MethodContext) -> torch.Tensor:
+        """``w_eps * ||eps_s - eps||^2 + w_kd * ||eps_s - eps_teacher||^2`` at the same x_t, t."""
+        self._set_stage(self.step)
+        p: SparseDMParams = self.params
+        scheduler = ctx.noise_scheduler
+        noise = torch.randn(x0.shape, generator=ctx.generator, device=x0.device, dtype=x0.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],),
+                                  generator=ctx.generator, device=x0.device)
+        x_t = scheduler.add_noise(x0, noise, timesteps)
+        student = predict_noise(model, x_t, timesteps)
+        loss = student.new_zeros(())
+        if p.w_eps:
+            loss = loss + p.w_eps * F.mse_loss(student, noise)
+        if p.w_kd and ctx.teacher is not None:
+            with torch.no_grad():
+                target = predict_noise(ctx.teacher, x_t, timesteps)
+            loss = loss + p.w_kd * F.mse_loss(student, target)
+        return loss
+
+    def on_after_optimizer_step(self, step: int, model: nn.Module, ctx: MethodContext) -> None:
+        self.step = step + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------ export
+    def export(self, model: nn.Module, ctx: MethodContext) -> list[Deployable]:
+        """One Deployable per inference pattern, masks recomputed from the fine-tuned dense weights and
+        baked into the weights (no per-forward cost); 2:4-compatible Linears on sparse kernels on CUDA."""
+        assert self.plan is not None and self.controller is not None
+        p: SparseDMParams = self.params
+        dense = remove_masks(copy.deepcopy(model)).eval()
+        patterns = self.inference or default_inference_patterns(self.target)
+        deployables = []
+        for pattern in patterns:
+            variant = copy.deepcopy(dense)
+            plan = apply_fixed_masks(variant, pattern, p.keep_dense, p.mask_type)
+            info: dict[str, Any] = {
+                "pattern": pattern.label,
+                "mask_type": p.mask_type,
+                "grouping": GROUPING if p.mask_type == "nm" else "global magnitude over masked layers",
+                "trained_pattern": self.target.label,
+                "stages": [s.label for s in self.stage_patterns],
+                "stage_starts": self.starts,
+                "srste_lambda": p.srste_lambda,
+                "distillation": bool(p.w_kd and ctx.teacher is not None),
+                "masked_layers": len(plan.masked),
+                "dense_kept": plan.dense_kept,
+            }
+            info.update(self._sparse_kernel(variant, plan, pattern, ctx.device))
+            label = pattern.label if p.mask_type == "nm" else f"unstructured-{pattern.sparsity:g}"
+            deployables.append(Deployable(model=variant, label=label, sparsity=pattern.sparsity, info=info))
+        return deployables
+
+    def _sparse_kernel(self, model: nn.Module, plan: MaskPlan, pattern: NMPattern,
+                       device: torch.device) -> dict[str, Any]:
+        """Semi-structured kernels for the Linear layers when the pattern fits 2:4 and the GPU has them."""
+        if not self.params.sparse_kernel:
+            return {"sparse_kernel": False, "sparse_kernel_note": "disabled by sparse_kernel=false"}
+        modules = dict(model.named_modules())
+        linears = [n for n in plan.masked if isinstance(modules[n], nn.Linear)]
+        if self.params.mask_type != "nm" or not any(semi_structured_compatible(modules[n].weight) for n in linears):
+            return {"sparse_kernel": False,
+                    "sparse_kernel_note": f"skipped: {pattern.label} ({self.params.mask_type}) is not 2:4-compatible"}
+        return convert_semi_structured(model, linears, device).as_info()

@@ -1,0 +1,222 @@
+"""The leaderboard and plots, from hand-made records with known values."""
+
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+import pytest
+from fake_records import make_record, save
+from typer.testing import CliRunner
+
+from diffprune_bench import leaderboard as lb
+from diffprune_bench.cli import app
+from diffprune_bench.results import load_records
+
+FIDS = {  # (method, sparsity) -> FID of seed 0 and seed 1
+    ("dense", 0.0): (1.0, 1.2),
+    ("magnitude", 0.5): (3.0, 3.4),
+    ("taylor", 0.5): (2.5, 2.9),
+    ("magnitude", 0.25): (2.0, 2.2),
+    ("taylor", 0.25): (2.1, 2.5),
+}
+
+
+@pytest.fixture
+def records_dir(tmp_path):
+    runs = tmp_path / "runs"
+    for (method, sparsity), fids in FIDS.items():
+        for seed, fid in enumerate(fids):
+            save(runs, make_record(method, sparsity, seed, fid))
+    return runs
+
+
+def test_rows_are_mean_and_std_over_seeds_with_dense_on_top(records_dir):
+    board = lb.build(load_records(records_dir))
+    (group,) = board.groups
+    table = group.table
+    assert list(table["method"])[0] == "dense"
+    assert list(zip(table["method"], table["sparsity"], strict=True)) == [
+        ("dense", 0.0),
+        ("magnitude", 0.25),
+        ("taylor", 0.25),
+        ("magnitude", 0.5),
+        ("taylor", 0.5),
+    ]
+    for _, row in table.iterrows():
+        fids = FIDS[(row["method"], row["sparsity"])]
+        assert row["fid_mean"] == pytest.approx(statistics.fmean(fids))
+        assert row["fid_std"] == pytest.approx(statistics.stdev(fids))
+        assert row["kid_mean"] == pytest.approx(statistics.fmean(fids) / 100)
+        assert row["n_seeds"] == 2 and row["seeds"] == "0,1"
+    assert table.loc[table["method"] == "dense", "train_wall_s"].item() == pytest.approx(10.5)
+
+
+def test_best_fid_at_each_sparsity_is_marked(records_dir):
+    board = lb.build(load_records(records_dir))
+    table = board.groups[0].table
+    best = table[table["best_at_sparsity"]]
+    assert sorted(zip(best["sparsity"], best["method"], strict=True)) == [
+        (0.25, "magnitude"),
+        (0.5, "taylor"),
+    ]
+    text = lb.render_markdown(board)
+    assert "**2.700 ± 0.283**" in text and "**2.100 ± 0.141**" in text
+    assert "**3.200" not in text and "**1.100" not in text  # neither the loser nor dense
+
+
+def test_different_protocols_never_share_a_table(records_dir):
+    save(records_dir, make_record("magnitude", 0.5, 0, 9.0, num_samples=1000, run_id="n1000-mag"))
+    save(records_dir, make_record("dense", 0.0, 0, 0.5, num_samples=1000, run_id="n1000-dense"))
+    save(records_dir, make_record("magnitude", 0.5, 0, 7.0, steps=50, run_id="s50-mag"))
+    board = lb.build(load_records(records_dir))
+    assert len(board.groups) == 3
+    by_key = {(g.key["num_samples"], g.key["sample_steps"]): g.table for g in board.groups}
+    assert set(by_key) == {(500, 20), (1000, 20), (500, 50)}
+    assert list(by_key[(1000, 20)]["method"]) == ["dense", "magnitude"]
+    assert by_key[(1000, 20)]["fid_mean"].tolist() == [0.5, 9.0]
+    # the 500-sample table is untouched by the 9.0 and 7.0 runs
+    mag = by_key[(500, 20)].query("method == 'magnitude' and sparsity == 0.5")
+    assert mag["fid_mean"].item() == pytest.approx(3.2)
+    assert by_key[(500, 50)]["best_at_sparsity"].tolist() == [False]  # nothing to beat: not marked
+    slugs = [g.slug for g in board.groups]
+    assert len(set(slugs)) == 3
+
+
+def test_training_budget_separates_tables_too(records_dir):
+    save(records_dir, make_record("magnitude", 0.5, 0, 1.5, config={"finetune_steps": 5000}, run_id="long"))
+    board = lb.build(load_records(records_dir))
+    assert len(board.groups) == 2
+    assert sorted(len(g.table) for g in board.groups) == [1, 5]
+
+
+def test_failed_runs_are_listed_separately_and_reruns_keep_the_latest(records_dir):
+    save(records_dir, make_record("taylor", 0.75, 0, 0.0, status="failed", run_id="broken"))
+    # a failure that a later ok run of the same cell replaced is not listed
+    save(
+        records_dir,
+        make_record(
+            "magnitude",
+            0.5,
+            0,
+            0.0,
+            status="failed",
+            run_id="old-fail",
+            finished_at="2025-01-01T00:00:00+00:00",
+        ),
+    )
+    # a re-run of an ok cell replaces the older value
+    save(
+        records_dir,
+        make_record("taylor", 0.25, 1, 2.3, run_id="rerun", finished_at="2026-06-01T00:00:00+00:00"),
+    )
+    board = lb.build(load_records(records_dir))
+    assert board.failed["run_id"].tolist() == ["broken"]
+    assert "taylor broke" in board.failed["error"].item()
+    table = board.groups[0].table
+    assert not ((table["method"] == "taylor") & (table["sparsity"] == 0.75)).any()
+    taylor = table.query("method == 'taylor' and sparsity == 0.25")
+    assert taylor["fid_mean"].item() == pytest.approx((2.1 + 2.3) / 2)
+    text = lb.render_markdown(board)
+    assert "## Failed runs" in text and "broken" in text
+
+
+def test_variants_of_one_training_run_get_their_own_rows_and_a_dashed_line(records_dir):
+    """SparseDM-like: each training run (its cell's sparsity) is evaluated at several inference N:M."""
+    import matplotlib.pyplot as plt
+
+    from diffprune_bench.plots import fid_curve
+
+    for trained, variants in {
+        0.5: {"3:4": 0.25, "2:4": 0.5, "1:4": 0.75},
+        0.25: {"3:4": 0.25, "2:4": 0.5},
+    }.items():
+        for label, sparsity in variants.items():
+            fid = 2.0 + sparsity + (0.5 if trained != sparsity else 0.0)
+            save(
+                records_dir,
+                make_record(
+                    "sparsedm",
+                    sparsity,
+                    0,
+                    fid,
+                    suite="other",
+                    variant=label,
+                    config={"sparsity": trained},
+                    run_id=f"sdm-{trained}-{sparsity}",
+                ),
+            )
+    everything = lb.build(load_records(records_dir))
+    names = lb.display_table(everything.groups[0])["method"].tolist()
+    assert {"sparsedm [2:4]", "sparsedm [2:4] (trained 0.25)", "sparsedm [3:4] (trained 0.5)"} <= set(names)
+    table = everything.groups[0].table
+    at_half = table.query("method == 'sparsedm' and sparsity == 0.5")
+    assert sorted(at_half["fid_mean"]) == [2.5, 3.0]  # two models at 0.5 are never averaged together
+
+    fig = fid_curve(everything.groups[0], "sparsity", "sparsity")
+    ax = fig.axes[0]
+    lines = {c.get_label(): c for c in ax.containers}
+    assert list(lines["sparsedm"].lines[0].get_ydata()) == pytest.approx([2.25, 2.5])  # as trained
+    dashed = lines["sparsedm (trained 0.5)"].lines[0]
+    assert list(dashed.get_ydata()) == pytest.approx([2.75, 2.5, 3.25]) and dashed.get_linestyle() == "--"
+    plt.close(fig)
+
+    only = lb.build(load_records(records_dir), suites=["other"])
+    assert set(only.groups[0].table["method"]) == {"sparsedm"}
+
+
+def test_write_leaderboard_files_and_plots(records_dir, tmp_path):
+    out = tmp_path / "out"
+    written = lb.write_leaderboard(records_dir, out)
+    markdown = (out / "leaderboard.md").read_text()
+    assert markdown.startswith("# Leaderboard") and "| dense " in markdown
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert len(csv) == 5 and csv.loc[0, "method"] == "dense"
+    assert csv.loc[csv["best_at_sparsity"], "method"].tolist() == ["magnitude", "taylor"]
+    (slug,) = written["plots"]
+    names = {p.split("/")[-1] for p in written["plots"][slug]}
+    expected = {
+        f"{kind}_{slug}.{fmt}"
+        for kind in ("fid_vs_macs", "fid_vs_sparsity", "samples_s0.5")
+        for fmt in ("png", "svg")
+    }
+    assert names == expected
+    for name in expected:
+        path = out / "plots" / name
+        assert path.stat().st_size > 1000
+        head = path.read_bytes()[:200]
+        assert head.startswith(b"\x89PNG") if name.endswith(".png") else b"<svg" in path.read_bytes()
+    assert f"](plots/fid_vs_macs_{slug}.png)" in markdown
+
+
+def test_plots_draw_one_line_per_method_and_dense_as_a_horizontal_line(records_dir):
+    import matplotlib.pyplot as plt
+
+    from diffprune_bench.plots import fid_curve
+
+    board = lb.build(load_records(records_dir))
+    fig = fid_curve(board.groups[0], "sparsity", "sparsity")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["dense (1.100)", "magnitude", "taylor"]
+    dense_line = ax.get_lines()[0]
+    assert list(dense_line.get_ydata()) == [pytest.approx(1.1)] * 2
+    taylor = [c for c in ax.containers if c.get_label() == "taylor"][0]
+    assert list(taylor.lines[0].get_ydata()) == pytest.approx([2.3, 2.7])
+    plt.close(fig)
+
+
+def test_leaderboard_cli(records_dir, tmp_path):
+    out = tmp_path / "cli-out"
+    result = CliRunner().invoke(
+        app, ["leaderboard", "--results-dir", str(records_dir), "--out", str(out), "--no-plots"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 table(s) from 10 records" in result.output
+    assert (out / "leaderboard.md").is_file() and not (out / "plots").exists()
+
+
+def test_empty_results_give_an_empty_leaderboard(tmp_path):
+    written = lb.write_leaderboard(tmp_path / "nothing", tmp_path / "out")
+    assert "No successful records yet." in written["markdown"].read_text()
+    assert written["plots"] == {}
