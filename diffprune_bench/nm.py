@@ -443,9 +443,10 @@ class SparseKernelReport:
     layers: list[str]
     skipped: dict[str, str]
     note: str
+    backend: str = ""
 
     def as_info(self) -> dict[str, Any]:
-        return {"sparse_kernel": self.ran, "sparse_kernel_layers": self.layers,
+        return {"sparse_kernel": self.ran, "sparse_kernel_layers": self.layers, "sparse_kernel_backend": self.backend,
                 "sparse_kernel_skipped": self.skipped, "sparse_kernel_note": self.note}
 
 
@@ -464,6 +465,7 @@ def convert_semi_structured(model: nn.Module, names: Iterable[str], device: torc
     modules = dict(model.named_modules())
     converted: list[str] = []
     skipped: dict[str, str] = {}
+    backends: set[str] = set()
     for name in names:
         module = modules[name]
         if not isinstance(module, nn.Linear) or isinstance(module, SemiStructuredLinear):
@@ -486,5 +488,6 @@ def convert_semi_structured(model: nn.Module, names: Iterable[str], device: torc
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)
         converted.append(name)
+        backends.add(f"{getattr(sparse, 'BACKEND', type(sparse).__name__)} {module.weight.dtype}".replace("torch.", ""))
     note = f"{len(converted)} Linear layer(s) on 2:4 sparse kernels ({reason}); convs stay dense"
-    return SparseKernelReport(bool(converted), converted, skipped, note)
+    return SparseKernelReport(bool(converted), converted, skipped, note, ", ".join(sorted(backends)))

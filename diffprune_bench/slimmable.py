@@ -127,7 +127,8 @@ class _SlimmableMixin:
         expected = segment_indices(self.slim_in, width)
         if expected is not None and len(expected) != channels:
             raise RuntimeError(
-                f"{type(self).__name__}: input has {channels} channels, width {width:g} expects {len(expected)}"
+                f"{type(self).__name__}: input has {channels} channels, "
+                f"width {width:g} expects {len(expected)}"
             )
 
 
@@ -247,7 +248,9 @@ def _layouts(model: UNet2DModel) -> dict[str, tuple[Segments, Segments]]:
         for i, resnet in enumerate(block.resnets):
             skip = resnet.conv1.in_channels - hidden
             if skip <= 0:
-                raise BenchError(f"cannot make this UNet slimmable: up_blocks.{j}.resnets.{i} has no skip input")
+                raise BenchError(
+                    f"cannot make this UNet slimmable: up_blocks.{j}.resnets.{i} has no skip input"
+                )
             parts = ((hidden, CHANNEL_DIVISOR), (skip, CHANNEL_DIVISOR))
             prefix = f"up_blocks.{j}.resnets.{i}"
             for name in ("norm1", "conv1", "conv_shortcut"):

@@ -27,7 +27,13 @@ What a plain Torch-Pruning pass over a diffusers UNet gets wrong, and where it i
   widths of every resized layer); ``save_pretrained`` / ``from_pretrained`` round-trip it exactly.
 * ``--sparsity`` of a structured method is the fraction of MACs removed. Because the rounding above
   makes MACs a step function of the channel ratio, :func:`search_channel_plan` bisects the ratio and,
-  when one ratio cannot land within the tolerance, removes one more unit in a prefix of the groups.
+  when no single ratio lands close enough, moves some groups one unit further. The search runs on a
+  per-layer MAC model (:class:`MacModel`); each plan it settles on is measured with the harness
+  counter (``ctx.count_macs``), which is what the record reports.
+
+Torch-Pruning 1.6 API used: ``BasePruner`` (``pruning_ratio_dict``, ``num_heads``,
+``prune_head_dims``, ``ignored_layers``), ``GroupMagnitudeImportance``, ``GroupTaylorImportance`` and
+the per-layer ``prune_*_channels`` functions (``GroupNormImportance`` of older versions is gone).
 """
 
 from __future__ import annotations
@@ -724,14 +730,16 @@ def prune_preset(
     sparsity: float,
     overrides: dict[str, Any] | None = None,
     device: str = "cpu",
-    batch_size: int = 4,
+    batch_size: int = 1,
     seed: int = 0,
 ) -> tuple[UNet2DModel, Deployable]:
     """Prune a freshly initialised ``preset`` with a structured ``method`` at ``sparsity`` (MACs removed),
     feeding random images to gradient-based criteria: what ``diffbench macs --method`` reports.
 
     The widths (hence params and MACs) depend only on the MAC target, not on the data, so this shows
-    the architecture a run would train without a dataset or a trained base.
+    the architecture a run would train without a dataset or a trained base; batch 1 keeps the gradient
+    pass cheap (an untrained UNet never meets Diff-Pruning's threshold, so it walks all T steps unless
+    ``max_timesteps`` caps it).
     """
     from .context import MethodContext
     from .diffusion import make_noise_scheduler

@@ -169,11 +169,14 @@ def search_schedule(
     if num_genes < 2:
         raise BenchError(f"the schedule search needs at least 2 sampling steps, got {num_genes}")
     if population < choices:
-        raise BenchError(f"population {population} must be at least {choices} (the uniform schedules seed it)")
+        raise BenchError(
+            f"population {population} must be at least {choices} (the uniform schedules seed it)"
+        )
     if generations < 1:
         raise BenchError(f"generations {generations} must be at least 1")
     if num_genes * min(choice_macs) > budget * (1 + 1e-9):
-        raise BenchError(f"MAC budget {budget:.4g} is below the cheapest schedule ({num_genes * min(choice_macs):.4g})")
+        cheapest = num_genes * min(choice_macs)
+        raise BenchError(f"MAC budget {budget:.4g} is below the cheapest schedule ({cheapest:.4g})")
     problem = _ScheduleProblem(fitness, choice_macs, num_genes, budget)
     algorithm = GA(
         pop_size=population,
@@ -240,8 +243,9 @@ class DDSM(Method):
         floor = min(self.width_macs.values()) / self.width_macs[1.0]
         if ctx.sparsity > 1.0 - floor + 1e-9:
             raise BenchError(
-                f"ddsm sparsity {ctx.sparsity:g} is out of reach: running every step at width {min(WIDTHS):g} "
-                f"removes {1.0 - floor:.1%} of the trajectory MACs (allowed: sparsity <= {1.0 - floor:.3f})"
+                f"ddsm sparsity {ctx.sparsity:g} is out of reach: running every step at width "
+                f"{min(WIDTHS):g} removes {1.0 - floor:.1%} of the trajectory MACs "
+                f"(allowed: sparsity <= {1.0 - floor:.3f})"
             )
         return model
 

@@ -25,7 +25,7 @@ TOY_BUDGET = sum(TOY_MACS[g] for g in TOY_OPTIMUM)  # 30
 
 
 def toy_fitness(genes: tuple[int, ...]) -> float:
-    return float(sum(abs(g - t) for g, t in zip(genes, TOY_OPTIMUM)))
+    return float(sum(abs(g - t) for g, t in zip(genes, TOY_OPTIMUM, strict=True)))
 
 
 def _search(seed: int = 0, calls: list | None = None, **overrides):
@@ -36,8 +36,8 @@ def _search(seed: int = 0, calls: list | None = None, **overrides):
             calls.append(genes)
         return toy_fitness(genes)
 
-    args = {"choice_macs": TOY_MACS, "num_genes": 8, "budget": TOY_BUDGET, "population": 16, "generations": 25,
-            "seed": seed, **overrides}
+    args = {"choice_macs": TOY_MACS, "num_genes": 8, "budget": TOY_BUDGET, "population": 16,
+            "generations": 25, "seed": seed, **overrides}
     return search_schedule(fitness, **args)
 
 
@@ -73,7 +73,7 @@ TOY_WIDTHS = (0.25, 0.25, 0.5, 0.5, 1.0, 1.0)  # a step-aware schedule under hal
 
 def _fake_ctx(sparsity: float, steps: int = 6, fid=None) -> SimpleNamespace:
     """What DDSM uses of MethodContext; ``fid(widths)`` stands in for the harness's FID."""
-    fid = fid or (lambda widths: sum(abs(w - t) for w, t in zip(widths, TOY_WIDTHS)))
+    fid = fid or (lambda widths: sum(abs(w - t) for w, t in zip(widths, TOY_WIDTHS, strict=True)))
     generator = torch.Generator().manual_seed(0)
     scheduler = make_noise_scheduler()
     return SimpleNamespace(
@@ -135,7 +135,8 @@ def test_sandwich_loss_sums_widest_narrowest_and_one_middle_width(base: torch.nn
         return loss
 
     ctx.loss_fn = spy_loss
-    hook = model.register_forward_pre_hook(lambda module, args: seen.append((get_width(model), args[1].clone())))
+    hook = model.register_forward_pre_hook(
+        lambda module, args: seen.append((get_width(model), args[1].clone())))
     x0 = torch.randn(8, *SHAPE)
     middles = set()
     for _ in range(12):

@@ -43,11 +43,12 @@ def _inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 def _conv_shapes(model: nn.Module, width: float) -> dict[str, tuple[int, int]]:
     """(input channels, output channels) each Conv2d really ran with at ``width``."""
     shapes: dict[str, tuple[int, int]] = {}
-    hooks = [
-        module.register_forward_hook(lambda mod, args, out, name=name: shapes.__setitem__(name, (args[0].shape[1], out.shape[1])))
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d)
-    ]
+
+    def record(name: str):
+        return lambda module, args, out: shapes.__setitem__(name, (args[0].shape[1], out.shape[1]))
+
+    hooks = [module.register_forward_hook(record(name))
+             for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     with torch.no_grad():
         WidthView(model, width)(*_inputs())
     for hook in hooks:
@@ -122,7 +123,8 @@ def test_attention_heads_are_sliced_consistently(slim: nn.Module) -> None:
     heads, head_dim = attention.heads, attention.to_q.out_features // attention.heads
     seen: dict[str, int] = {}
     hooks = [getattr(attention, name).register_forward_hook(
-        lambda mod, args, out, name=name: seen.__setitem__(name, out.shape[-1])) for name in ("to_q", "to_k", "to_v")]
+        lambda mod, args, out, name=name: seen.__setitem__(name, out.shape[-1]))
+        for name in ("to_q", "to_k", "to_v")]
     hooks.append(attention.to_out[0].register_forward_pre_hook(
         lambda mod, args: seen.__setitem__("to_out_in", args[0].shape[-1])))
     with torch.no_grad():

@@ -113,7 +113,9 @@ def test_attention_temperature_is_preserved_when_head_dims_go() -> None:
         q, k, v = attn.to_q(x)[..., keep], attn.to_k(x)[..., keep], attn.to_v(x)[..., keep]
         heads = [slice(0, 3), slice(3, 6)]
         # the dense logits of the kept dims: still divided by sqrt(4), the dense head dim
-        mixed = torch.cat([torch.softmax(q[..., h] @ k[..., h].transpose(1, 2) / 2.0, -1) @ v[..., h] for h in heads], -1)
+        mixed = torch.cat(
+            [torch.softmax(q[..., h] @ k[..., h].transpose(1, 2) / 2.0, -1) @ v[..., h] for h in heads], -1
+        )
         expected = attn.to_out[0].weight[:, keep] @ mixed[0].T
         expected = expected.T + attn.to_out[0].bias
     dropped = [3, 7]

@@ -1,0 +1,127 @@
+"""Structural pruning: real CPU speed-ups of pruned ddpm-cifar10 UNets, and FID on digits per method.
+
+Part 1 (default): ddpm-cifar10 (random init; widths depend only on the MAC target) pruned to MACs
+reductions 0.3 / 0.5 / 0.7, plus the paper's setting (channel ratio 0.3). For each: params, MACs (the
+harness's fvcore counter), CPU latency of one UNet forward at batch 8, dense vs pruned, interleaved so
+load drift on a shared machine hits both alike, the speed-up and how much of the ideal (dense MACs /
+pruned MACs) it realises. Target of the issue: >= 0.7 of the ideal at 0.5.
+
+Part 2 (``--digits``, slow): FID of the five structured methods (and the dense row) on the embedded
+digits at sparsity 0.25 / 0.5 / 0.75 through the harness, with the digits protocol's default budget
+unless ``--finetune-steps`` / ``--num-samples`` say otherwise.
+
+    python benchmarks/bench_structural.py
+    python benchmarks/bench_structural.py --digits --finetune-steps 200 --num-samples 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffprune_bench.metrics.macs import count_macs
+from diffprune_bench.models import build_model, count_params
+from diffprune_bench.structural import ChannelPlan, SeededRandomImportance, UNetPruner, prune_to_mac_target
+
+METHODS = ("random", "magnitude", "taylor", "diff-pruning", "reinit")
+
+
+def forward_latency(models: dict[str, nn.Module], batch: int, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of one no-grad forward per model, rounds interleaved across the models."""
+    config = next(iter(models.values())).config
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, config.in_channels, config.sample_size, config.sample_size), generator=generator)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for round_index in range(warmup + repeats):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(x, t)
+                if round_index >= warmup:
+                    times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cifar_speedups(targets: list[float], batch: int, repeats: int) -> None:
+    shape = (3, 32, 32)
+    dense = build_model("ddpm-cifar10", seed=0).eval()
+    counter = lambda m: float(count_macs(m, shape).total)  # noqa: E731
+    models: dict[str, nn.Module] = {"dense": dense}
+    facts: dict[str, dict[str, Any]] = {"dense": {"ratio": "-"}}
+    paper = UNetPruner(dense, SeededRandomImportance(0)).prune(ChannelPlan(0.3)).eval()
+    models["paper ratio 0.3"] = paper
+    facts["paper ratio 0.3"] = {"ratio": "0.300"}
+    for target in targets:
+        started = time.perf_counter()
+        pruned, info = prune_to_mac_target(dense, SeededRandomImportance(0), target, counter)
+        label = f"MACs -{target:g}"
+        models[label] = pruned.eval()
+        facts[label] = {"ratio": f"{info['channel_ratio']:.3f}" + ("+" if "channel_ratio_high" in info else ""),
+                        "search_s": time.perf_counter() - started}
+    latency = forward_latency(models, batch, repeats)
+    dense_macs, dense_latency = counter(dense), latency["dense"]
+    print(f"ddpm-cifar10, CPU forward at batch {batch}, {torch.get_num_threads()} thread(s), median of {repeats}")
+    print(f"{'model':<16}{'ratio':>7}{'params M':>10}{'MACs G':>9}{'MACs red.':>10}{'conv+lin G':>11}"
+          f"{'latency s':>11}{'speedup':>9}{'ideal':>7}{'realised':>9}")
+    for name, model in models.items():
+        report = count_macs(model, shape)
+        ideal = dense_macs / report.total
+        speedup = dense_latency / latency[name]
+        print(f"{name:<16}{facts[name]['ratio']:>7}{count_params(model)[0] / 1e6:10.2f}{report.total / 1e9:9.3f}"
+              f"{1 - report.total / dense_macs:10.3f}{report.conv_linear / 1e9:11.3f}{latency[name]:11.4f}"
+              f"{speedup:9.2f}{ideal:7.2f}{speedup / ideal:9.2f}")
+    print("ratio: channel ratio found by the MAC search ('+': some groups one unit further, see method_info)")
+
+
+def digits_fid(sparsities: list[float], overrides: dict[str, Any]) -> None:
+    from diffprune_bench.config import make_config
+    from diffprune_bench.harness import run
+
+    rows = []
+    cells = [("dense", 0.0)] + [(m, s) for s in sparsities for m in METHODS]
+    for method, sparsity in cells:
+        (record,) = run(make_config({"method": method, "dataset": "digits", "sparsity": sparsity, **overrides}))
+        metrics, info = record["metrics"], record.get("method_info") or {}
+        rows.append((method, sparsity, metrics, info, record["training"]))
+        print(f"  done {method} s={sparsity:g}: FID {metrics['fid']:.3f}", flush=True)
+    print(f"digits, {overrides or 'protocol defaults'}")
+    print(f"{'method':<14}{'sparsity':>9}{'MACs red.':>10}{'params k':>9}{'FID':>8}{'KID':>9}{'SSIM':>7}"
+          f"{'speedup':>8}{'steps':>7}")
+    for method, sparsity, metrics, _info, training in rows:
+        print(f"{method:<14}{sparsity:9.2f}{metrics['macs_reduction']:10.3f}{metrics['params_total'] / 1e3:9.1f}"
+              f"{metrics['fid']:8.3f}{metrics['kid']:9.5f}{metrics['ssim_to_dense']:7.3f}{metrics['speedup']:8.2f}"
+              f"{training.get('optimizer_steps', 0):7d}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="MACs reductions")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per model (median reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-cifar", action="store_true", help="only the digits part")
+    parser.add_argument("--digits", action="store_true", help="also run the five methods on digits (slow)")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--base-steps", type=int, default=None)
+    parser.add_argument("--num-samples", type=int, default=None)
+    parser.add_argument("--results-dir", default="results/runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.skip_cifar:
+        cifar_speedups(args.targets, args.batch, args.repeats)
+    if args.digits:
+        overrides = {k: v for k, v in {"finetune_steps": args.finetune_steps, "base_steps": args.base_steps,
+                                        "num_samples": args.num_samples, "results_dir": args.results_dir,
+                                        "device": "cpu"}.items() if v is not None}
+        digits_fid(args.sparsities, overrides)
+
+
+if __name__ == "__main__":
+    main()
