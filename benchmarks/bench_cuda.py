@@ -118,11 +118,11 @@ def main() -> None:
                                  "spacing": args.spacing, "sample_batch": args.sample_batch}
     if not args.skip_training:
         result.update(bench_training(args, device))
-        print(f"training: {result['train_images_per_s']:.1f} images/s (batch {args.batch}, {args.steps} steps, "
+        print(f"training: {result['train_images_per_s']:.3g} images/s (batch {args.batch}, {args.steps} steps, "
               f"{result['train_step_ms']:.1f} ms/step, peak {result['train_peak_memory_mb']:.0f} MB)")
     if not args.skip_sampling:
         result.update(bench_sampling(args, device))
-        print(f"sampling: {result['samples_per_s']:.2f} samples/s at {args.sample_steps} DDIM steps "
+        print(f"sampling: {result['samples_per_s']:.3g} samples/s at {args.sample_steps} DDIM steps "
               f"(batch {args.sample_batch}; 50K samples take {result['seconds_per_50k_samples'] / 60:.1f} min)")
     print(json.dumps(result))
 

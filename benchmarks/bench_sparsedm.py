@@ -5,7 +5,7 @@ with SR-STE (``diffprune_bench/nm.py``); this measures what that costs per optim
 plain epsilon-MSE, so the only difference to the dense step is the mask. Steps of the variants are
 interleaved so that load drift on a shared machine hits them alike; the median is reported.
 
-    python benchmarks/bench_sparsedm.py --presets tiny ddpm-cifar10 --steps 5 --batch 4
+    python benchmarks/bench_sparsedm.py --presets tiny ddpm-cifar10 --steps 5 --batch 4 16
 """
 
 from __future__ import annotations
@@ -68,18 +68,19 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "ddpm-cifar10"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, nargs="+", default=[4], help="one or more batch sizes")
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU per-step training time, batch {args.batch}, {args.threads} thread(s), median of {args.steps} steps")
-    print(f"{'preset':<14}{'variant':<20}{'s/step':>10}{'vs dense':>10}")
+    print(f"CPU per-step training time, {args.threads} thread(s), median of {args.steps} steps")
+    print(f"{'preset':<14}{'batch':>6}  {'variant':<20}{'s/step':>10}{'vs dense':>10}")
     for preset in args.presets:
-        medians = bench_preset(preset, args.steps, args.batch, args.warmup, args.pattern)
-        dense = medians["dense"]
-        for name, value in medians.items():
-            print(f"{preset:<14}{name:<20}{value:>10.4f}{value / dense:>9.2f}x")
+        for batch in args.batch:
+            medians = bench_preset(preset, args.steps, batch, args.warmup, args.pattern)
+            dense = medians["dense"]
+            for name, value in medians.items():
+                print(f"{preset:<14}{batch:>6}  {name:<20}{value:>10.4f}{value / dense:>9.2f}x", flush=True)
 
 
 if __name__ == "__main__":

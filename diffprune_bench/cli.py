@@ -109,7 +109,8 @@ def run(
         raise typer.Exit(code=1) from None
     from .summary import summary_table
 
-    typer.echo(summary_table(records))
+    if records:  # on several processes only rank 0 evaluates and returns records
+        typer.echo(summary_table(records))
 
 
 @app.command()
@@ -143,7 +144,8 @@ def macs(
     preset: str = typer.Option("tiny", help="UNet preset to count."),
     method: str = typer.Option(None, "--method", "-m", help="Structured method: prune the preset and compare."),
     sparsity: float = typer.Option(0.5, help="With --method: fraction of MACs to remove."),
-    param: list[str] = typer.Option(None, "--param", "-p", help="With --method: parameter name=value."),
+    param: list[str] = typer.Option(None, "--param", "-p",
+                                    help="With --method: name=value (e.g. max_timesteps=20 for a short walk)."),
     device: str = typer.Option("cpu", help="With --method: device of the (random-data) gradient pass."),
 ) -> None:
     """Print MACs (fvcore, batch 1, one UNet forward) and params of a preset, by operator family.
@@ -182,13 +184,14 @@ def sweep(
     cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells still to run; run nothing."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Cells run in parallel processes (CPU threads shared)."),
 ) -> None:
     """Run every cell of a suite that has no ok record yet; exit code = number of failed cells."""
     from .suite import load_suite
     from .suite import sweep as run_sweep
 
     overrides = _cli_values(results_dir=results_dir, cache_dir=cache_dir, device=device)
-    result = run_sweep(load_suite(suite), overrides, dry_run=dry_run)
+    result = run_sweep(load_suite(suite), overrides, dry_run=dry_run, jobs=jobs)
     if result.failures:
         raise typer.Exit(code=min(result.failures, 125))
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .diffusion import diffusion_loss
+from .distributed import Distributed, current
 
 
 def infinite_batches(
@@ -70,9 +71,20 @@ class MethodContext:
     progress: Callable[..., Any] | None = None
     optimizer: torch.optim.Optimizer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the processes of this run (one, unless launched on several): rank, is_main, broadcast_, ...
+    distributed: Distributed = field(default_factory=current)
 
     def next_batch(self) -> torch.Tensor:
         return next(self.batches)
 
     def loss_fn(self, model: nn.Module, x0: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.distributed.sharding:  # a training step on several processes: this rank's share of the noise
+            kwargs["noise"], kwargs["timesteps"] = self.noise_and_timesteps(x0, **kwargs)
         return diffusion_loss(model, x0, self.noise_scheduler, generator=self.generator, **kwargs)
+
+    def noise_and_timesteps(self, x0: torch.Tensor, noise: torch.Tensor | None = None,
+                            timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training noise and timesteps for ``x0`` as ``loss_fn`` draws them (for methods with their own
+        loss); on several processes each rank gets its share of the global batch's draw."""
+        steps = self.noise_scheduler.config.num_train_timesteps
+        return self.distributed.draw_noise(x0, steps, self.generator, noise, timesteps)

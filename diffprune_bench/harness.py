@@ -30,6 +30,7 @@ from .config import RunConfig
 from .context import MethodContext, infinite_batches
 from .data import DataBundle, get_dataset_spec, image_batches, load_dataset
 from .diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
+from .distributed import current as current_distributed
 from .errors import BenchError
 from .metrics.consistency import mean_ssim
 from .metrics.fid import (
@@ -46,6 +47,7 @@ from .metrics.macs import COUNTER, count_macs, trajectory_macs
 from .models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
 from .registry import Deployable, Method, create_method
 from .results import git_commit, new_run_id, utc_now, write_config, write_record
+from .rundir import claim_run_dir
 from .trainer import Trainer, autocast
 
 CONSISTENCY_SAMPLES = 64
@@ -96,6 +98,8 @@ def base_cache_key(cfg: RunConfig, data: DataBundle | None = None) -> str:
     }
     if data is not None and data.fingerprint:
         key["data"] = data.fingerprint
+    if cfg.precision != "fp32":  # a bf16/fp16-trained base is another base (fp32 keys stay as they were)
+        key["precision"] = cfg.precision
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,7 +132,7 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
                                  "pretrained": loaded})
     key = base_cache_key(cfg, data)
     folder = Path(cfg.cache_dir) / "bases" / key
-    if (folder / "base.json").is_file():
+    if current_distributed().broadcast_object((folder / "base.json").is_file()):  # rank 0 decides for all
         from diffusers import UNet2DModel
 
         model = UNet2DModel.from_pretrained(folder / "model").to(device).eval()
@@ -146,6 +150,8 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
     stats = trainer.train()
     info = {"source": f"trained:{key}", "key": key, "hash": weights_hash(model), "train": stats.as_dict(),
             "preset": cfg.preset, "dataset": cfg.dataset, "seed": cfg.seed}
+    if not current_distributed().is_main:  # every rank trained the same base; rank 0 alone caches it
+        return BaseModel(model.eval(), {**info, "cached": False})
     tmp = folder.with_name(f".{key}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model")
@@ -295,11 +301,14 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run one (method, dataset, sparsity, seed) cell; returns its record(s), also written to disk."""
     cfg = resolve_config(cfg.validate())
     method: Method = create_method(cfg.method, cfg.method_params)
-    device = select_device(cfg.device)
-    run_id = cfg.run_id or new_run_id(cfg.method, cfg.dataset, cfg.sparsity, cfg.seed)
+    dist = current_distributed()
+    device = dist.setup(select_device(cfg.device))  # this rank's device when launched on several processes
+    run_id = cfg.run_id or dist.broadcast_object(new_run_id(cfg.method, cfg.dataset, cfg.sparsity, cfg.seed))
     run_dir = Path(cfg.results_dir) / run_id
+    claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, cfg.to_dict())
+    if dist.is_main:
+        write_config(run_dir, cfg.to_dict())
     record: dict[str, Any] = {
         "run_id": run_id,
         "status": "running",
@@ -316,7 +325,7 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         "seed": cfg.seed,
         "suite": cfg.suite,
         "device": {"type": device.type, "name": _device_name(device), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "platform": platform.platform()},
+                   "torch": torch.__version__, "platform": platform.platform(), **dist.describe()},
         "config": cfg.to_dict(),
         "paths": {"run_dir": str(run_dir)},
     }
@@ -325,21 +334,26 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     except Exception as error:  # noqa: BLE001 - every failure must leave a record
         record.update(status="failed", finished_at=utc_now(), error=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc(limit=8))
-        write_record(run_dir, record)
+        if dist.is_main:
+            write_record(run_dir, record)
         raise
+    finally:
+        claim.release()
 
 
 def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, record: dict[str, Any]) -> list[dict]:
     seed_everything(cfg.seed)
-    data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, resolution=cfg.resolution)
+    dist = current_distributed()
+    with dist.main_process_first():  # one download; the other ranks then read what it wrote
+        data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, resolution=cfg.resolution)
     check_data_fits(cfg.preset, data.shape)
     if cfg.fid_extractor == "inception-v3":  # missing weights fail now, not after hours of training
         resolve_inception_weights(cfg.inception_weights, cfg.cache_dir)
     record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
     base = get_base_model(cfg, data, device)
     record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train", "pretrained")}
-    evaluator = Evaluator(cfg, data, device, base)
-    record["protocol"] = evaluator.protocol()
+    evaluator = Evaluator(cfg, data, device, base) if dist.is_main else None  # rank 0 alone evaluates
+    record["protocol"] = evaluator.protocol() if evaluator else None
 
     seed_everything(cfg.seed)
     if method.is_baseline:
@@ -352,7 +366,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     teacher = None
     if method.init == "pretrained" and not method.is_baseline:
         teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
-    ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator.score_fid,
+    ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator and evaluator.score_fid,
                        progress=lambda it, **kw: tqdm(it, leave=False, **kw))
     model = method.prepare(model, ctx)
     if method.is_baseline:
@@ -364,6 +378,8 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
                           description=f"{cfg.method} s={cfg.sparsity:g}",
                           channels_last=cfg.channels_last, compile=cfg.compile)
         train_cost = trainer.train().as_dict()
+    if not dist.is_main:  # the other ranks only trained: rank 0 exports, evaluates and records
+        return []
     exported = method.export(model, ctx)
     deployables = exported if isinstance(exported, list) else [exported]
 

@@ -29,6 +29,7 @@ GROUP_COLUMNS = [
     "sampler",
     "sample_steps",
     "timestep_spacing",
+    "sampler_precision",
     "num_samples",
     "budget",
 ]
@@ -72,6 +73,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "sampler": sampler.get("name"),
         "sample_steps": sampler.get("steps"),
         "timestep_spacing": sampler.get("spacing"),
+        "sampler_precision": sampler.get("precision") or "fp32",
         "num_samples": protocol.get("num_samples"),
         "budget": _budget(config),
         "fid_floor": protocol.get("fid_floor"),
@@ -206,9 +208,11 @@ class Group:
     def title(self) -> str:
         k = self.key
         fingerprint = str(k["extractor_fingerprint"] or "")[:8]
+        precision = "" if k["sampler_precision"] == "fp32" else f", {k['sampler_precision']}"
         return (
             f"{k['dataset']}: {k['extractor']} FID ({fingerprint}), N={k['num_samples']}, "
-            f"{str(k['sampler']).upper()} {k['sample_steps']} steps ({k['timestep_spacing']}); {k['budget']}"
+            f"{str(k['sampler']).upper()} {k['sample_steps']} steps ({k['timestep_spacing']}{precision}); "
+            f"{k['budget']}"
         )
 
 

@@ -121,36 +121,33 @@ def _grouped(weight: torch.Tensor, m: int) -> torch.Tensor:
     return weight.reshape(weight.shape[0], weight.shape[1] // m, m, -1)
 
 
-def _to_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """``weight`` as an ``(m, groups)`` matrix: column g holds the members of N:M group g, and each row
-    is contiguous, so the per-member compares below stream through memory."""
-    return _grouped(weight.detach(), m).permute(2, 0, 1, 3).reshape(m, -1)
-
-
-def _from_groups(members: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
-    """Inverse of :func:`_to_groups` for an ``(m, groups)`` mask."""
-    return members.reshape(m, shape[0], shape[1] // m, -1).permute(1, 2, 0, 3).reshape(shape)
+def _members(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``weight`` viewed as ``(m, out, in / m, rest)``: index 0 is the position inside the N:M group."""
+    return _grouped(weight.detach(), m).permute(2, 0, 1, 3)
 
 
 def _keep_top_n(members: torch.Tensor, n: int) -> torch.Tensor:
-    """0/1 mask (dtype of ``members``) keeping the ``n`` largest entries of every column of an
-    ``(m, groups)`` matrix, exactly ``n`` per column; a tie goes to the lower row. For small M the rank
-    of each entry (how many others beat it) comes from M(M-1)/2 row compares written into a float
-    buffer: on CPU that beats ``topk`` + ``scatter`` and avoids bool->int conversions."""
+    """Which entries of every column of an ``(m, groups)`` magnitude matrix are among its ``n`` largest
+    (int8 0/1, exactly ``n`` per column; a tie goes to the lower row).
+
+    For small M the rank of each entry (how many others beat it) comes from M(M-1)/2 row compares:
+    rows are contiguous, ranks are int8 (a quarter of the traffic of float ranks), and each compare
+    writes a bool buffer that is added as its int8 view (bool and int8 share the byte layout), which
+    avoids the slow mixed-dtype paths; on CPU this beats ``topk`` + ``scatter`` several times over."""
     m = members.shape[0]
     if m > _PAIRWISE_MAX_M:
-        rows = members.t()
-        keep = rows.topk(n, dim=1, sorted=False).indices
-        return torch.zeros_like(rows).scatter_(1, keep, 1.0).t()
-    ranks = torch.arange(m, dtype=members.dtype, device=members.device)[:, None].expand_as(members).clone()
-    later_wins = torch.empty_like(members[0])
+        keep = members.t().topk(n, dim=1, sorted=False).indices
+        return torch.zeros(members.t().shape, dtype=torch.int8, device=members.device).scatter_(1, keep, 1).t()
+    ranks = torch.empty(members.shape, dtype=torch.int8, device=members.device)
+    for i in range(m):
+        ranks[i].fill_(i)  # every earlier row wins a tie against row i
+    later_wins = torch.empty(members.shape[1], dtype=torch.bool, device=members.device)
+    as_int8 = later_wins.view(torch.int8)
     for i in range(m):
         for j in range(i + 1, m):
-            # ranks start at the row index (every earlier row wins a tie); a strict win of the later
-            # row j moves one unit of rank from j to i
-            torch.gt(members[j], members[i], out=later_wins)
-            ranks[i].add_(later_wins)
-            ranks[j].sub_(later_wins)
+            torch.gt(members[j], members[i], out=later_wins)  # a strict win moves one unit of rank j -> i
+            ranks[i].add_(as_int8)
+            ranks[j].sub_(as_int8)
     return ranks.lt_(n)
 
 
@@ -162,19 +159,29 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
-    """:func:`nm_mask` of several weights in one pass: the groups of all layers are stacked into one
-    matrix, so a small model pays a few tensor ops per layer instead of a few dozen."""
+    """:func:`nm_mask` of several weights in one pass.
+
+    The groups of all layers are gathered (with ``abs``) into one ``(m, groups)`` matrix, ranked
+    together and scattered back with the cast to the weight dtype: two passes over the weights plus
+    the ranking, and a few tensor ops per layer instead of a few dozen, which matters for small models.
+    """
     for weight in weights:
         if weight.dim() < 2 or weight.shape[1] % m:
             raise ValueError(f"weight of shape {tuple(weight.shape)}: input dim is not a multiple of M={m}")
     if n >= m:
         return [torch.ones_like(w) for w in weights]
-    groups = [_to_groups(w, m) for w in weights]
-    # cat copies, so abs_ is safe there; a single weight's group view may alias the weight itself
-    magnitudes = torch.cat(groups, dim=1).abs_() if len(groups) > 1 else groups[0].abs()
+    views = [_members(w, m) for w in weights]
+    sizes = [v[0].numel() for v in views]
+    magnitudes = torch.empty((m, sum(sizes)), dtype=weights[0].dtype, device=weights[0].device)
+    for view, columns in zip(views, magnitudes.split(sizes, dim=1), strict=True):
+        torch.abs(view, out=columns.view(view.shape))
     keep = _keep_top_n(magnitudes, n)
-    parts = keep.split([g.shape[1] for g in groups], dim=1)
-    return [_from_groups(part, w.shape, m) for part, w in zip(parts, weights, strict=True)]
+    masks = []
+    for weight, view, columns in zip(weights, views, keep.split(sizes, dim=1), strict=True):
+        mask = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        _members(mask, m).copy_(columns.view(view.shape))
+        masks.append(mask)
+    return masks
 
 
 def nonzeros_per_group(weight: torch.Tensor, m: int) -> torch.Tensor:

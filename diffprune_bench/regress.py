@@ -310,4 +310,19 @@ def regress(
         atomic_write_text(Path(baseline_path), json.dumps(document, indent=2) + "\n")
         comparisons = compare(suite, document, records)
         return RegressOutcome(comparisons, outcome, updated=True)
+    _check_extractor(baseline, records, baseline_path)
     return RegressOutcome(compare(suite, baseline, records, outcome), outcome, updated=False)
+
+
+def _check_extractor(baseline: dict[str, Any], records: list[dict[str, Any]], path: str | Path) -> None:
+    """FIDs under another feature extractor are on another scale: comparing them would mean nothing."""
+    expected = (baseline.get("protocol") or {}).get("extractor_fingerprint")
+    found = {
+        (r.get("protocol") or {}).get("extractor_fingerprint") for r in records if r.get("status") == "ok"
+    }
+    found.discard(None)
+    if expected and found and found != {expected}:
+        raise BenchError(
+            f"the FID extractor's fingerprint is now {', '.join(sorted(found))} but baseline {str(path)!r} "
+            f"was measured with {expected}; rerun with --update-baseline"
+        )

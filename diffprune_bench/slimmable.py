@@ -328,13 +328,17 @@ def _state(model: nn.Module) -> WidthState:
     return model.slim_state
 
 
-def set_width(model: nn.Module, width: float) -> None:
-    """Run every following forward of ``model`` at ``width`` (one of the supernet's widths)."""
+def _checked(model: nn.Module, width: float) -> WidthState:
     state = _state(model)
     if width not in state.widths:
         allowed = ", ".join(f"{w:g}" for w in state.widths)
         raise BenchError(f"width {width!r} is not one of the supernet's widths ({allowed})")
-    state.width = float(width)
+    return state
+
+
+def set_width(model: nn.Module, width: float) -> None:
+    """Run every following forward of ``model`` at ``width`` (one of the supernet's widths)."""
+    _checked(model, width).width = float(width)
 
 
 def get_width(model: nn.Module) -> float:
@@ -362,8 +366,7 @@ class WidthView(nn.Module):
 
     def __init__(self, model: nn.Module, width: float) -> None:
         super().__init__()
-        if width not in _state(model).widths:
-            set_width(model, width)  # raises the one-line error naming the allowed widths
+        _checked(model, width)
         self.model = model
         self.width = float(width)
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .distributed import current as current_distributed
 from .errors import BenchError
 
 MASK_BUFFER = "weight_mask"
@@ -213,6 +214,7 @@ class MaskManager:
             if new.shape != mask.shape:
                 raise ValueError(f"mask for {name} has shape {tuple(new.shape)}, weight has {tuple(mask.shape)}")
             mask.copy_(new.to(mask.device, torch.bool))
+            current_distributed().broadcast_(mask)  # several processes: rank 0's mask everywhere
         self.apply(optimizer)
 
     @torch.no_grad()
@@ -258,6 +260,7 @@ class MaskManager:
         grow = torch.topk(candidates, n, sorted=False).indices
         new = kept.clone()
         new[grow] = True
+        current_distributed().broadcast_(new)  # several processes: rank 0 decides, every rank applies
         newly_active = (new & ~flat_mask).view_as(mask)
         dropped = (flat_mask & ~new).view_as(mask)
         mask.copy_(new.view_as(mask))

@@ -33,7 +33,13 @@ BASELINE_METHOD = "dense"
 AXIS_FIELDS = ("method", "dataset", "sparsity", "seed", "suite", "method_params", "run_id", "resume")
 #: Options that say where or how a cell runs, not what it measures: changing them never re-runs a cell.
 BOOKKEEPING_FIELDS = (
-    "results_dir", "cache_dir", "data_root", "download", "num_workers", "device", "checkpoint_every",
+    "results_dir",
+    "cache_dir",
+    "data_root",
+    "download",
+    "num_workers",
+    "device",
+    "checkpoint_every",
 )
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_RESULTS_DIR = "results/runs"
@@ -350,11 +356,15 @@ def sweep(
     dry_run: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> SweepResult:
     """Run every cell of ``suite`` without an ``ok`` record; one failing cell never stops the others.
 
-    ``overrides`` sets bookkeeping options (results_dir, cache_dir, device...) for every cell. The
-    returned :class:`SweepResult` says what ran, what was skipped and what failed (and why).
+    ``overrides`` sets bookkeeping options (results_dir, cache_dir, device...) for every cell. With
+    ``jobs`` > 1 cells run in that many worker processes, each with an equal share of the CPU threads
+    (small CPU models train faster as parallel single-thread runs than as one multi-thread run); the
+    dense cells run first, since they train the cached base the other cells of their seed start from.
+    The returned :class:`SweepResult` says what ran, what was skipped and what failed (and why).
     """
     from tqdm.auto import tqdm
 
@@ -364,6 +374,8 @@ def sweep(
         raise BenchError(
             f"sweep overrides {', '.join(bad)} are not allowed; allowed: {', '.join(BOOKKEEPING_FIELDS)}"
         )
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise BenchError(f"jobs {jobs!r} must be a positive integer")
     run_fn = run_fn or default_run
     configs = [(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()]
     results_dir = configs[0][1].results_dir
@@ -375,8 +387,7 @@ def sweep(
     write = log or tqdm.write
     write(
         f"suite {suite.name}: {len(configs)} cells, {len(result.skipped)} already done, "
-        f"{len(pending)} to run "
-        f"(records in {results_dir})"
+        f"{len(pending)} to run (records in {results_dir})"
     )
     if dry_run:
         for cell, _ in pending:
@@ -391,30 +402,97 @@ def sweep(
         dynamic_ncols=True,
         disable=not progress,
     )
-    for cell, cfg in pending:
-        bar.set_postfix_str(cell.label())
-        cfg = _resume_if_interrupted(cfg)
-        started = time.perf_counter()
-        try:
-            cell_out = run_fn(cfg)
-        except Exception as error:  # noqa: BLE001 - one failing cell never stops the sweep
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            _ensure_failed_record(cfg, reason)
-            result.failed.append((cell, reason))
-            write(f"FAILED {cell.label()}: {reason}")
-        else:
+
+    def finish(cell: Cell, outcome: CellOutcome) -> None:
+        if outcome.error is None:
             result.completed.append(cell)
-            fid = next((r.get("metrics", {}).get("fid") for r in cell_out if is_primary(r)), None)
-            fid_text = f"FID {fid:.3f}" if isinstance(fid, (int, float)) else "no FID"
-            write(f"ok {cell.label()}: {fid_text} ({time.perf_counter() - started:.0f} s)")
+            fid_text = f"FID {outcome.fid:.3f}" if outcome.fid is not None else "no FID"
+            write(f"ok {cell.label()}: {fid_text} ({outcome.wall_s:.0f} s)")
+        else:
+            result.failed.append((cell, outcome.error))
+            write(f"FAILED {cell.label()}: {outcome.error}")
         bar.update(1)
         bar.set_postfix_str(f"{result.failures} failed")
+
+    work = [(cell, _resume_if_interrupted(cfg)) for cell, cfg in pending]
+    if jobs == 1 or len(work) <= 1:
+        for cell, cfg in work:
+            bar.set_postfix_str(cell.label())
+            finish(cell, run_cell(run_fn, cfg))
+    else:
+        _run_parallel(work, run_fn, jobs, finish)
     bar.close()
     write(
         f"suite {suite.name}: {len(result.completed)} ran, {len(result.skipped)} skipped, "
         f"{result.failures} failed"
     )
     return result
+
+
+@dataclass
+class CellOutcome:
+    error: str | None  # None: ok
+    fid: float | None
+    wall_s: float
+
+
+def run_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
+    """Run one cell; any exception becomes a failed outcome (and a failed record if none was written)."""
+    started = time.perf_counter()
+    try:
+        records = run_fn(cfg)
+    except Exception as error:  # noqa: BLE001 - one failing cell never stops the sweep
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        _ensure_failed_record(cfg, reason)
+        return CellOutcome(reason, None, time.perf_counter() - started)
+    fid = next((r.get("metrics", {}).get("fid") for r in records if is_primary(r)), None)
+    return CellOutcome(
+        None, float(fid) if isinstance(fid, (int, float)) else None, time.perf_counter() - started
+    )
+
+
+def _init_worker(threads: int) -> None:
+    """Worker processes: an equal share of the threads, and no per-run progress bars of their own."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _outcome(future: Any, cell: Cell, phase: list[tuple[Cell, RunConfig]]) -> CellOutcome:
+    """The worker's outcome; a worker that died (killed for memory, say) fails its cell, with a record."""
+    try:
+        return future.result()
+    except Exception as error:  # noqa: BLE001 - e.g. BrokenProcessPool
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        _ensure_failed_record(dict(phase)[cell], reason)
+        return CellOutcome(reason, None, 0.0)
+
+
+def _run_parallel(
+    work: list[tuple[Cell, RunConfig]], run_fn: RunFn, jobs: int, finish: Callable[[Cell, CellOutcome], None]
+) -> None:
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or jobs) // jobs)
+    dense = [item for item in work if item[0].method == BASELINE_METHOD]
+    rest = [item for item in work if item[0].method != BASELINE_METHOD]
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        for phase in (dense, rest):
+            futures = {pool.submit(run_cell, run_fn, cfg): cell for cell, cfg in phase}
+            try:
+                for future in as_completed(futures):
+                    finish(futures[future], _outcome(future, futures[future], phase))
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
 
 def _resume_if_interrupted(cfg: RunConfig) -> RunConfig:

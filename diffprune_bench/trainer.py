@@ -120,8 +120,10 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        # the method's loss sees the compiled module; hooks, masks, EMA and checkpoints use the original
-        self.forward_model = torch.compile(model) if compile else model
+        # the method's loss sees the compiled module (DDP-wrapped on several processes, which averages the
+        # gradients in backward); hooks, masks, EMA and checkpoints use the original
+        wrapped = ctx.distributed.wrap_model(model)
+        self.forward_model = torch.compile(wrapped) if compile else wrapped
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
         self.resume = resume
@@ -133,7 +135,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and ctx.device.type == "cuda")
 
     def save_checkpoint(self, step: int) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not self.ctx.distributed.is_main:  # all ranks hold one state
             return
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -175,10 +177,11 @@ class Trainer:
         bar = tqdm(range(start_step, total), desc=self.description, initial=start_step, total=total,
                    leave=False, dynamic_ncols=True, disable=total == 0 or None)
         for step in bar:
-            x0 = self.ctx.next_batch().contiguous(memory_format=self.memory_format)
-            with autocast(self.ctx.device, self.precision):
+            x0 = self.ctx.distributed.local_shard(self.ctx.next_batch())  # this rank's share of the batch
+            x0 = x0.contiguous(memory_format=self.memory_format)
+            with autocast(self.ctx.device, self.precision), self.ctx.distributed.sharded_step():
                 loss = self.method.compute_loss(self.forward_model, x0, self.ctx)
-            loss_value = float(loss.detach())
+            loss_value = self.ctx.distributed.mean(loss.detach())  # the global loss, the same on every rank
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} at step {step}")
             self.optimizer.zero_grad(set_to_none=True)

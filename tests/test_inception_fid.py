@@ -127,25 +127,29 @@ def test_bad_weights_files(tmp_path, weights):
         InceptionExtractor(tmp_path, weights=str(plain))
 
 
-def test_clean_fid_statistics_are_used_when_they_can_be_fetched(tmp_path, weights, monkeypatch):
+def test_clean_fid_statistics_are_used_for_fid_when_they_can_be_fetched(tmp_path, weights, monkeypatch):
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(40, FEATURES))
+    published = rng.normal(size=(40, FEATURES))
     calls = []
 
-    def published(name, res, mode="clean", model_name="inception_v3", seed=0, split="test", metric="FID"):
+    def get_reference_statistics(name, res, mode="clean", model_name="inception_v3", seed=0, split="test",
+                                 metric="FID"):
         calls.append((name, res, mode, split, metric))
-        return (feats.mean(0), np.cov(feats, rowvar=False)) if metric == "FID" else feats
+        return published.mean(0), np.cov(published, rowvar=False)
 
-    monkeypatch.setattr(cleanfid_fid, "get_reference_statistics", published)
+    monkeypatch.setattr(cleanfid_fid, "get_reference_statistics", get_reference_statistics)
     extractor = InceptionExtractor(tmp_path, weights=str(weights))
-
-    def never():
-        raise AssertionError("our own statistics must not be computed")
-
-    stats = reference_stats(extractor, never, tmp_path, {"dataset": "cifar10"}, precomputed=("cifar10", 32, "train"))
-    assert calls == [("cifar10", 32, "clean", "train", "FID"), ("cifar10", 32, "clean", "train", "KID")]
+    images = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    stats = reference_stats(extractor, lambda: images, tmp_path, {"dataset": "cifar10"},
+                            precomputed=("cifar10", 32, "train"))
+    assert calls == [("cifar10", 32, "clean", "train", "FID")]
     assert stats.info["stats"] == "clean-fid precomputed" and stats.info["file"] == "cifar10_clean_train_32.npz"
-    np.testing.assert_allclose(stats.mu, feats.mean(0))
+    np.testing.assert_allclose(stats.mu, published.mean(0))
+    # KID has no published CIFAR-10 features: it uses ours, and the record says how far ours are from theirs
+    np.testing.assert_allclose(stats.features, extractor.features(images), atol=1e-6)
+    own = ReferenceStats.from_features(stats.features)
+    assert stats.info["kid_reference"] == "computed"
+    assert stats.info["fid_computed_vs_cleanfid"] == pytest.approx(fid_from_features(published, own), rel=1e-6)
 
 
 def test_offline_or_mismatched_statistics_fall_back_to_our_own(tmp_path, weights, offline, monkeypatch):
@@ -157,13 +161,13 @@ def test_offline_or_mismatched_statistics_fall_back_to_our_own(tmp_path, weights
     assert "Name or service not known" in stats.info["cleanfid_fallback"]
     np.testing.assert_allclose(stats.mu, extractor.features(images).mean(0), atol=1e-6)
 
-    def inception_sized(*args, metric="FID", **kwargs):
-        return (np.zeros(2048), np.eye(2048)) if metric == "FID" else np.zeros((3, 2048))
+    def inception_sized(*args, **kwargs):
+        return np.zeros(2048), np.eye(2048)
 
     monkeypatch.setattr(cleanfid_fid, "get_reference_statistics", inception_sized)
     again = reference_stats(extractor, lambda: images, tmp_path / "other", {"dataset": "cifar10"},
                             precomputed=("cifar10", 32, "train"))
-    assert again.info["stats"] == "computed" and "2048 vs the extractor's 16" in again.info["cleanfid_fallback"]
+    assert again.info["stats"] == "computed" and "2048 vs our 16" in again.info["cleanfid_fallback"]
 
 
 def test_whole_run_on_fake_cifar10_with_the_standin_inception(tmp_path, tiny_config, weights, offline,

@@ -69,9 +69,18 @@ def test_different_protocols_never_share_a_table(records_dir):
     save(records_dir, make_record("magnitude", 0.5, 0, 9.0, num_samples=1000, run_id="n1000-mag"))
     save(records_dir, make_record("dense", 0.0, 0, 0.5, num_samples=1000, run_id="n1000-dense"))
     save(records_dir, make_record("magnitude", 0.5, 0, 7.0, steps=50, run_id="s50-mag"))
+    low_precision = make_record("magnitude", 0.5, 0, 8.0, run_id="bf16-mag")
+    low_precision["protocol"]["sampler"]["precision"] = "bf16"
+    save(records_dir, low_precision)
     board = lb.build(load_records(records_dir))
-    assert len(board.groups) == 3
-    by_key = {(g.key["num_samples"], g.key["sample_steps"]): g.table for g in board.groups}
+    assert len(board.groups) == 4
+    by_precision = {g.key["sampler_precision"]: g for g in board.groups if g.key["sample_steps"] == 20}
+    assert by_precision["bf16"].table["fid_mean"].tolist() == [8.0] and "bf16" in by_precision["bf16"].title()
+    by_key = {
+        (g.key["num_samples"], g.key["sample_steps"]): g.table
+        for g in board.groups
+        if g.key["sampler_precision"] == "fp32"
+    }
     assert set(by_key) == {(500, 20), (1000, 20), (500, 50)}
     assert list(by_key[(1000, 20)]["method"]) == ["dense", "magnitude"]
     assert by_key[(1000, 20)]["fid_mean"].tolist() == [0.5, 9.0]
@@ -80,7 +89,7 @@ def test_different_protocols_never_share_a_table(records_dir):
     assert mag["fid_mean"].item() == pytest.approx(3.2)
     assert by_key[(500, 50)]["best_at_sparsity"].tolist() == [False]  # nothing to beat: not marked
     slugs = [g.slug for g in board.groups]
-    assert len(set(slugs)) == 3
+    assert len(set(slugs)) == 4
 
 
 def test_training_budget_separates_tables_too(records_dir):

@@ -112,6 +112,14 @@ def test_a_baseline_for_other_options_is_refused(baseline, tmp_path):
         regress(parse_suite(SUITE), tmp_path / "none.json", run_fn=FakeRun(), progress=False)
 
 
+def test_a_changed_feature_extractor_is_refused(baseline, tmp_path):
+    document = json.loads(baseline.read_text())
+    document["protocol"]["extractor_fingerprint"] = "0000aaaa0000aaaa"
+    baseline.write_text(json.dumps(document))
+    with pytest.raises(BenchError, match="fingerprint is now 2a43975d25807927.*0000aaaa0000aaaa"):
+        regress(parse_suite(SUITE), baseline, results_dir=tmp_path / "now", run_fn=FakeRun(), progress=False)
+
+
 def test_update_baseline_refuses_a_single_seed(tmp_path):
     with pytest.raises(BenchError, match="--baseline-seeds 1 must be at least 2"):
         regress(

@@ -213,3 +213,25 @@ def test_paper_channel_ratio_reproduces_the_cifar10_model() -> None:
     assert count_params(small)[0] / 1e6 == pytest.approx(19.8, abs=0.15)
     reduction = 1 - count_macs(small, (3, 32, 32)).conv_linear / count_macs(model, (3, 32, 32)).conv_linear
     assert math.isclose(reduction, 0.44, abs_tol=0.01)
+
+
+# ---------------------------------------------------------------- diffbench macs --method
+def test_macs_command_prints_dense_vs_pruned() -> None:
+    from typer.testing import CliRunner
+
+    from diffprune_bench.cli import app
+
+    result = CliRunner().invoke(app, ["macs", "--preset", "tiny", "--method", "magnitude", "--sparsity", "0.5"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.strip().startswith("MACs (G)"))
+    assert abs(float(row.split()[-1]) - 0.5) <= 0.02  # pruned / dense MACs
+    assert "macs_reduction_achieved" in result.output
+
+
+def test_macs_command_rejects_an_unstructured_method() -> None:
+    from typer.testing import CliRunner
+
+    from diffprune_bench.cli import app
+
+    result = CliRunner().invoke(app, ["macs", "--preset", "tiny", "--method", "dense", "--sparsity", "0.5"])
+    assert result.exit_code == 2 and "structured" in result.output

@@ -161,6 +161,8 @@ def test_bundled_suites_are_valid():
     assert full.methods == [m for m in registry.method_names() if m != "dense"]
     ci = load_suite(root / "digits-ci.yaml")
     assert ci.sparsities == [0.5] and len(ci.seeds) == 1
+    for path in sorted(root.glob("*.yaml")):  # every suite shipped follows the format
+        assert load_suite(path).cells()
 
 
 # ---------------------------------------------------------------- the sweep
@@ -223,6 +225,34 @@ def test_sweep_keeps_going_after_a_failing_cell_and_counts_failures(toy_method, 
     assert (
         {c.method for c in retry.calls} == {"toy-method"} and len(retry.calls) == 4 and second.failures == 0
     )
+
+
+def parallel_fake_run(cfg):
+    """Module-level (picklable) stand-in for the harness in worker processes: records its process."""
+    import os
+
+    if cfg.method == "toy-method" and cfg.sparsity == 0.5:
+        raise RuntimeError("half sparsity exploded")
+    record = make_record(cfg.method, cfg.sparsity, cfg.seed, 2.0, suite=cfg.suite, run_id=cfg.run_id)
+    record.update(config=cfg.to_dict(), worker_pid=os.getpid(), worker_env=os.environ.get("TQDM_DISABLE"))
+    write_record(Path(cfg.results_dir) / cfg.run_id, record)
+    return [record]
+
+
+def test_parallel_sweep_runs_cells_in_worker_processes(toy_method, tmp_path):
+    import os
+
+    suite = parse_suite(suite_data())
+    overrides = {"results_dir": str(tmp_path / "runs")}
+    result = sweep(suite, overrides, run_fn=parallel_fake_run, progress=False, log=lambda _: None, jobs=2)
+    assert result.failures == 2 and len(result.completed) == 4
+    assert {(c.method, c.sparsity) for c, _ in result.failed} == {("toy-method", 0.5)}
+    records = load_records(tmp_path / "runs")
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len(ok) == 4 and all(r["worker_pid"] != os.getpid() and r["worker_env"] == "1" for r in ok)
+    assert sum(r["status"] == "failed" for r in records) == 2
+    with pytest.raises(BenchError, match="jobs 0 must be a positive integer"):
+        sweep(suite, overrides, run_fn=parallel_fake_run, jobs=0)
 
 
 def test_a_failure_before_the_harness_writes_anything_still_leaves_a_failed_record(toy_method, tmp_path):

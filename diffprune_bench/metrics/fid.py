@@ -10,9 +10,10 @@ and ``kernel_distance``. Extractors:
 * ``digits-net``: for the embedded 8x8 digits, where Inception features are meaningless: a small CNN
   classifier trained deterministically by the harness; features are its penultimate layer.
 
-Reference statistics are clean-fid's published ones where they exist for the reference split (CIFAR-10
-train, clean mode, Inception) and can be fetched, else computed once over the split and cached; every
-record says which (``protocol.reference.stats``).
+Reference statistics are computed once over the reference split and cached; for FID with Inception,
+clean-fid's published mean and covariance replace ours where they exist for that split (CIFAR-10 train,
+clean mode) and can be fetched. KID always uses our features. Every record says which
+(``protocol.reference.stats``).
 """
 
 from __future__ import annotations
@@ -156,9 +157,6 @@ class DigitsNetExtractor(FeatureExtractor):
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def feature_dim(self) -> int:
-        return int(self.net.head.in_features)
-
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "input": "8x8 uint8-quantised, no resize", "features": "penultimate (tanh)",
                 "reference_accuracy": self.reference_accuracy}
@@ -301,11 +299,12 @@ class ReferenceStats:
         return cls(mu=features.mean(0), sigma=np.cov(features, rowvar=False), features=features, info=info or {})
 
 
-def cleanfid_reference(name: str, resolution: int, split: str) -> tuple[ReferenceStats | None, str]:
-    """clean-fid's published clean-mode Inception statistics of a standard split, or (None, why not).
+def cleanfid_reference(name: str, resolution: int, split: str) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """clean-fid's published clean-mode Inception (mu, sigma) of a standard split, or (None, why not).
 
-    clean-fid downloads them once into its package folder: ``{name}_clean_{split}_{res}.npz`` (mu, sigma)
-    and ``..._kid.npz`` (features, for KID). A socket timeout keeps an offline machine from hanging.
+    clean-fid downloads ``{name}_clean_{split}_{res}.npz`` once into its package folder; a socket timeout
+    keeps an offline machine from hanging. It publishes KID features only for a few small sets (not
+    CIFAR-10), so KID always uses our own features of the same split.
     """
     from cleanfid import fid as cleanfid_fid
 
@@ -313,16 +312,12 @@ def cleanfid_reference(name: str, resolution: int, split: str) -> tuple[Referenc
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         mu, sigma = cleanfid_fid.get_reference_statistics(name, resolution, mode="clean", split=split, metric="FID")
-        feats = cleanfid_fid.get_reference_statistics(name, resolution, mode="clean", split=split, metric="KID")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return None, f"clean-fid statistics unavailable ({first})"
     finally:
         socket.setdefaulttimeout(previous)
-    info = {"stats": "clean-fid precomputed", "file": f"{name}_clean_{split}_{resolution}.npz".lower(),
-            "kid_features": int(len(feats))}
-    return ReferenceStats(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                          features=np.asarray(feats, np.float64), info=info), ""
+    return (np.asarray(mu, np.float64), np.asarray(sigma, np.float64)), ""
 
 
 def reference_stats(
@@ -332,33 +327,39 @@ def reference_stats(
     key: dict,
     precomputed: tuple[str, int, str] | None = None,
 ) -> ReferenceStats:
-    """Reference statistics: clean-fid's published ones when they exist for this split and extractor
-    (``precomputed`` = (name, resolution, split), Inception-V3 only) and can be fetched, else our own,
-    computed once from ``images_fn()`` (a tensor or a stream of batches) and cached per
-    (dataset, split, extractor fingerprint)."""
-    fallback = ""
-    if precomputed is not None and extractor.name == InceptionExtractor.name:
-        stats, fallback = cleanfid_reference(*precomputed)
-        if stats is not None and stats.mu.shape[0] != extractor.feature_dim():
-            dims = f"{stats.mu.shape[0]} vs the extractor's {extractor.feature_dim()}"
-            stats, fallback = None, f"clean-fid statistics have other features ({dims})"
-        if stats is not None:
-            return stats
+    """Reference statistics of a split: our own, computed once from ``images_fn()`` (a tensor or a stream
+    of batches) and cached per (dataset, split, extractor fingerprint); for FID with Inception-V3,
+    clean-fid's published mean and covariance replace ours when ``precomputed`` = (name, resolution,
+    split) names them and they can be fetched. ``info`` records which, and how far ours are from theirs."""
     key = {**key, "extractor": extractor.name, "fingerprint": extractor.fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "fid-stats" / f"{key.get('dataset', 'data')}-{digest}.npz"
-    info = {"stats": "computed", "cache": path.name, **({"cleanfid_fallback": fallback} if fallback else {})}
     if path.is_file():
         features = np.load(path)["features"]
-        return ReferenceStats.from_features(features, {**info, "images": int(len(features))})
-    # stored as float32 (the extractors compute in float32, so nothing is lost): a fresh and a cached run
-    # give bit-identical statistics
-    features = extract_features(extractor, images_fn()).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features=features)
-    os.replace(tmp, path)
-    return ReferenceStats.from_features(features, {**info, "images": int(len(features))})
+    else:
+        # stored as float32 (the extractors compute in float32, so nothing is lost): a fresh and a cached
+        # run give bit-identical statistics
+        features = extract_features(extractor, images_fn()).astype(np.float32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, features=features)
+        os.replace(tmp, path)
+    own = ReferenceStats.from_features(features, {"stats": "computed", "cache": path.name, "images": len(features)})
+    if precomputed is None or extractor.name != InceptionExtractor.name:
+        return own
+    published, why_not = cleanfid_reference(*precomputed)
+    if published is not None and published[0].shape != own.mu.shape:
+        why_not = f"clean-fid statistics have other features ({published[0].shape[0]} vs our {own.mu.shape[0]})"
+        published = None
+    if published is None:
+        own.info["cleanfid_fallback"] = why_not
+        return own
+    mu, sigma = published
+    name, resolution, split = precomputed
+    agreement = float(frechet_distance(own.mu, own.sigma, mu, sigma))  # ~0 when our pipeline is clean-fid's
+    info = {**own.info, "stats": "clean-fid precomputed", "file": f"{name}_clean_{split}_{resolution}.npz".lower(),
+            "kid_reference": "computed", "fid_computed_vs_cleanfid": agreement}
+    return ReferenceStats(mu=mu, sigma=sigma, features=own.features, info=info)
 
 
 def fid_from_features(features: np.ndarray, reference: ReferenceStats) -> float:
