@@ -184,14 +184,38 @@ def sweep(
     cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
     device: str = typer.Option(None, help="auto | cpu | cuda"),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells still to run; run nothing."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Cells run in parallel processes (CPU threads shared)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Cells at once: worker processes (local, default 1), "
+                             "array tasks (slurm) or jobs (submitit-local)."),
+    status: bool = typer.Option(False, "--status", help="Show where every cell stands (records); run nothing."),
+    executor: str = typer.Option("local", help="local | slurm | submitit-local (submitit jobs on this machine)."),
+    partition: str = typer.Option(None, help="SLURM partition."),
+    gpus_per_run: int = typer.Option(None, help="GPUs per run: one DDP process each (cluster executors)."),
+    cpus_per_run: int = typer.Option(None, help="CPU cores per run (cluster executors)."),
+    mem_gb: float = typer.Option(None, help="Memory per run in GB (cluster executors)."),
+    timeout_min: int = typer.Option(None, help="Time limit of a job in minutes; a run past it requeues and "
+                                    "resumes from its checkpoint (default 1440)."),
+    max_timeouts: int = typer.Option(None, help="Requeues after hitting the time limit (default 3)."),
+    slurm_param: list[str] = typer.Option(None, "--slurm-param", help="Other sbatch option name=value "
+                                          "(repeatable: account=..., qos=..., constraint=...)."),
+    wait: bool = typer.Option(None, "--wait/--no-wait", help="Wait for cluster jobs (default: slurm no)."),
 ) -> None:
     """Run every cell of a suite that has no ok record yet; exit code = number of failed cells."""
+    from .cluster import cluster_options
     from .suite import load_suite
     from .suite import sweep as run_sweep
 
     overrides = _cli_values(results_dir=results_dir, cache_dir=cache_dir, device=device)
-    result = run_sweep(load_suite(suite), overrides, dry_run=dry_run, jobs=jobs)
+    loaded = load_suite(suite)
+    if status:
+        from .status import format_status, sweep_status
+
+        typer.echo(format_status(loaded, sweep_status(loaded, overrides)))
+        return
+    cluster = cluster_options(executor, jobs, slurm_param, partition=partition, gpus_per_run=gpus_per_run,
+                              cpus_per_run=cpus_per_run, mem_gb=mem_gb, timeout_min=timeout_min,
+                              max_timeouts=max_timeouts, wait=wait)
+    result = run_sweep(loaded, overrides, dry_run=dry_run, jobs=(jobs or 1) if cluster is None else 1,
+                       cluster=cluster)
     if result.failures:
         raise typer.Exit(code=min(result.failures, 125))
 

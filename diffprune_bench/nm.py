@@ -6,7 +6,9 @@
 That is the NHWC order of the reference code (it permutes conv weights to ``(out, kh, kw, in)`` before
 grouping) and the order sparse tensor cores need after an NHWC im2col. In each group the N largest
 ``|w|`` are kept. Because the input dimension is the second axis of both weight layouts, a weight is
-viewed as ``(out, in / M, M, rest)`` with no copy: the group members sit on axis 2.
+viewed as ``(out, in / M, M, rest)`` with no copy: the group members sit on axis 2. The masks of all
+layers of a model are ranked together in one ``(M, groups)`` matrix (:func:`nm_masks`), so a small
+model pays a few tensor ops per layer, not a few dozen.
 
 **Training.** Masks live in a ``torch.nn.utils.parametrize`` parametrization (:class:`SparseWeight`):
 ``module.weight`` is the masked view of the dense ``parametrizations.weight.original``, recomputed from

@@ -96,10 +96,13 @@ class WidthState:
 
 
 class _SlimmableMixin:
-    """Slices a layer's weight to the active channels of the shared width.
+    """Slices a layer's weight and bias to the active channels of the shared width.
 
-    ``slim_in`` / ``slim_out`` are the layouts of the input / output channel dimension. A layout with one
-    part is sliced with ``narrow`` (a view); several parts use ``index_select`` with cached indices.
+    ``slim_in`` / ``slim_out`` are the layouts of the input / output channel dimension. At setup each
+    width gets a plan: a count of leading channels (sliced with ``narrow``, a view) or, for layouts of
+    several parts, an index (``index_select``). While gradients are off (sampling, MAC counting) the
+    sliced tensors are cached contiguous per width, keyed by the parameters' version counters, so a
+    narrow width runs without re-slicing and any in-place weight update invalidates the cache.
     """
 
     slim_in: Segments
@@ -108,28 +111,58 @@ class _SlimmableMixin:
 
     def _setup_slimming(self, state: WidthState, slim_in: Segments, slim_out: Segments) -> None:
         self.slim_state, self.slim_in, self.slim_out = state, slim_in, slim_out
-        self._slim_index_cache: dict[tuple[str, float, torch.device], torch.Tensor] = {}
+        self._slim_plan = {width: (self._plan(slim_in, width), self._plan(slim_out, width))
+                           for width in state.widths}
+        self._slim_index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._slim_weight_cache: dict[float, tuple[tuple, list[torch.Tensor | None]]] = {}
 
-    def _select(self, tensor: torch.Tensor, dim: int, which: str, width: float) -> torch.Tensor:
-        segments = self.slim_in if which == "in" else self.slim_out
+    @staticmethod
+    def _plan(segments: Segments, width: float) -> int | tuple[int, ...] | None:
         if segments is None or width >= 1.0:
-            return tensor
+            return None
         if len(segments) == 1:
-            return tensor.narrow(dim, 0, active_channels(segments[0][0], width, segments[0][1]))
-        key = (which, width, tensor.device)
+            return active_channels(segments[0][0], width, segments[0][1])
+        return tuple(segment_indices(segments, width) or ())
+
+    def _slice(self, tensor: torch.Tensor, dim: int, plan: int | tuple[int, ...] | None) -> torch.Tensor:
+        if plan is None:
+            return tensor
+        if isinstance(plan, int):
+            return tensor.narrow(dim, 0, plan)
+        key = (id(plan), tensor.device)
         index = self._slim_index_cache.get(key)
         if index is None:
-            index = torch.tensor(segment_indices(segments, width), dtype=torch.long, device=tensor.device)
-            self._slim_index_cache[key] = index
+            index = self._slim_index_cache[key] = torch.tensor(plan, dtype=torch.long, device=tensor.device)
         return tensor.index_select(dim, index)
 
-    def _check_input(self, channels: int, width: float) -> None:
-        expected = segment_indices(self.slim_in, width)
-        if expected is not None and len(expected) != channels:
-            raise RuntimeError(
-                f"{type(self).__name__}: input has {channels} channels, "
-                f"width {width:g} expects {len(expected)}"
-            )
+    def _sliced(self, width: float, input_channels: int,
+                specs: list[tuple[torch.Tensor | None, int | None, int | None]]) -> list[torch.Tensor | None]:
+        """Each ``(tensor, out_dim, in_dim)`` of ``specs`` sliced at ``width`` (a ``None`` dim: not sliced)."""
+        plan_in, plan_out = self._slim_plan[width]
+        if plan_in is not None:
+            expected = plan_in if isinstance(plan_in, int) else len(plan_in)
+            if input_channels != expected:
+                raise RuntimeError(f"{type(self).__name__}: input has {input_channels} channels, "
+                                   f"width {width:g} expects {expected}")
+        cacheable = not torch.is_grad_enabled()
+        if cacheable:
+            key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t, _, _ in specs)
+            hit = self._slim_weight_cache.get(width)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        sliced: list[torch.Tensor | None] = []
+        for tensor, out_dim, in_dim in specs:
+            if tensor is not None:
+                if out_dim is not None:
+                    tensor = self._slice(tensor, out_dim, plan_out)
+                if in_dim is not None:
+                    tensor = self._slice(tensor, in_dim, plan_in)
+                if cacheable:
+                    tensor = tensor.contiguous()
+            sliced.append(tensor)
+        if cacheable:
+            self._slim_weight_cache[width] = (key, sliced)
+        return sliced
 
 
 class SlimmableConv2d(_SlimmableMixin, nn.Conv2d):
@@ -139,9 +172,7 @@ class SlimmableConv2d(_SlimmableMixin, nn.Conv2d):
         width = self.slim_state.width
         if width >= 1.0:
             return super().forward(x)
-        self._check_input(x.shape[1], width)
-        weight = self._select(self._select(self.weight, 0, "out", width), 1, "in", width)
-        bias = self._select(self.bias, 0, "out", width) if self.bias is not None else None
+        weight, bias = self._sliced(width, x.shape[1], [(self.weight, 0, 1), (self.bias, 0, None)])
         return self._conv_forward(x, weight, bias)
 
 
@@ -152,9 +183,7 @@ class SlimmableLinear(_SlimmableMixin, nn.Linear):
         width = self.slim_state.width
         if width >= 1.0:
             return super().forward(x)
-        self._check_input(x.shape[-1], width)
-        weight = self._select(self._select(self.weight, 0, "out", width), 1, "in", width)
-        bias = self._select(self.bias, 0, "out", width) if self.bias is not None else None
+        weight, bias = self._sliced(width, x.shape[-1], [(self.weight, 0, 1), (self.bias, 0, None)])
         return F.linear(x, weight, bias)
 
 
@@ -166,10 +195,9 @@ class SlimmableGroupNorm(_SlimmableMixin, nn.GroupNorm):
         if width >= 1.0:
             return super().forward(x)
         channels = x.shape[1]
-        self._check_input(channels, width)
+        # a norm has one channel dimension: its input layout
+        weight, bias = self._sliced(width, channels, [(self.weight, None, 0), (self.bias, None, 0)])
         groups = self.num_groups if channels % self.num_groups == 0 else math.gcd(self.num_groups, channels)
-        weight = self._select(self.weight, 0, "in", width) if self.weight is not None else None
-        bias = self._select(self.bias, 0, "in", width) if self.bias is not None else None
         return F.group_norm(x, groups, weight, bias, self.eps)
 
 

@@ -25,6 +25,7 @@ from .config import RunConfig, config_fields, make_config, yaml_load
 from .errors import BenchError
 from .registry import build_params, get_method_class
 from .results import RECORD_NAME, load_records, utc_now, write_record
+from .rundir import RunDirBusy, RunDirClaim
 
 SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params")
 REQUIRED_KEYS = ("name", "datasets", "methods", "sparsities", "seeds")
@@ -337,6 +338,8 @@ class SweepResult:
     completed: list[Cell] = field(default_factory=list)
     failed: list[tuple[Cell, str]] = field(default_factory=list)
     results_dir: str = DEFAULT_RESULTS_DIR
+    busy: list[Cell] = field(default_factory=list)  # another process was writing its run folder
+    submitted: list[Cell] = field(default_factory=list)  # handed to a cluster, not waited for
 
     @property
     def failures(self) -> int:
@@ -357,6 +360,7 @@ def sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     jobs: int = 1,
+    cluster: Any = None,
 ) -> SweepResult:
     """Run every cell of ``suite`` without an ``ok`` record; one failing cell never stops the others.
 
@@ -365,6 +369,8 @@ def sweep(
     (small CPU models train faster as parallel single-thread runs than as one multi-thread run); the
     dense cells run first, since they train the cached base the other cells of their seed start from.
     The returned :class:`SweepResult` says what ran, what was skipped and what failed (and why).
+    ``cluster`` (a :class:`diffprune_bench.cluster.ClusterOptions`) submits the cells through submitit
+    instead (SLURM array jobs, or submitit's local executor); ``jobs`` is then ignored.
     """
     from tqdm.auto import tqdm
 
@@ -404,7 +410,10 @@ def sweep(
     )
 
     def finish(cell: Cell, outcome: CellOutcome) -> None:
-        if outcome.error is None:
+        if outcome.busy:  # not a failure: another sweep or job is running this very cell
+            result.busy.append(cell)
+            write(f"busy {cell.label()}: {outcome.error}")
+        elif outcome.error is None:
             result.completed.append(cell)
             fid_text = f"FID {outcome.fid:.3f}" if outcome.fid is not None else "no FID"
             write(f"ok {cell.label()}: {fid_text} ({outcome.wall_s:.0f} s)")
@@ -415,7 +424,11 @@ def sweep(
         bar.set_postfix_str(f"{result.failures} failed")
 
     work = [(cell, _resume_if_interrupted(cfg)) for cell, cfg in pending]
-    if jobs == 1 or len(work) <= 1:
+    if cluster is not None:
+        from .cluster import submit_sweep
+
+        result.submitted = submit_sweep(work, cluster, finish, write, run_fn=run_fn)
+    elif jobs == 1 or len(work) <= 1:
         for cell, cfg in work:
             bar.set_postfix_str(cell.label())
             finish(cell, run_cell(run_fn, cfg))
@@ -434,13 +447,45 @@ class CellOutcome:
     error: str | None  # None: ok
     fid: float | None
     wall_s: float
+    busy: bool = False  # another process holds the cell's run folder: nothing was run or written
 
 
 def run_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
-    """Run one cell; any exception becomes a failed outcome (and a failed record if none was written)."""
+    """Run one cell; any exception becomes a failed outcome (and a failed record if none was written).
+
+    The cell's run folder is claimed for the whole call (``rundir.py``): a cell that another process is
+    writing right now is left alone, with no record of ours, and one that another sweep finished since
+    this one read the records is not run again."""
+    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
+    try:
+        claim = RunDirClaim(run_dir).acquire()
+    except RunDirBusy as error:
+        return CellOutcome(str(error), None, 0.0, busy=True)
+    try:
+        done = finished_fid(run_dir)
+        return CellOutcome(None, done, 0.0) if done is not None else _run_claimed_cell(run_fn, cfg)
+    finally:
+        claim.release()
+
+
+def finished_fid(run_dir: Path) -> float | None:
+    """The FID of the ok record of the training run in ``run_dir`` (nan without one), None when unfinished."""
+    try:
+        record = json.loads((run_dir / RECORD_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("status") != "ok" or not is_primary(record):
+        return None
+    fid = (record.get("metrics") or {}).get("fid")
+    return float(fid) if isinstance(fid, (int, float)) else math.nan
+
+
+def _run_claimed_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
     started = time.perf_counter()
     try:
         records = run_fn(cfg)
+    except RunDirBusy as error:  # the harness met a writer this sweep's claim could not see
+        return CellOutcome(str(error), None, time.perf_counter() - started, busy=True)
     except Exception as error:  # noqa: BLE001 - one failing cell never stops the sweep
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
         _ensure_failed_record(cfg, reason)

@@ -115,7 +115,7 @@ def test_loss_is_eps_mse_plus_teacher_distillation(tiny_config):
     assert float(kd_sparse) > 0.0
     eps_only, model, ctx = loss_with({"w_eps": 1.0, "w_kd": 0.0}, 9)
     ctx.generator.manual_seed(5)
-    expected = diffusion_loss(model, x0, ctx.noise_scheduler, generator=ctx.generator)
+    expected = diffusion_loss(model, x0, ctx.noise_scheduler, generator=ctx.generator).detach()
     assert float(eps_only) == pytest.approx(float(expected), rel=1e-6)
     both, _, _ = loss_with({"w_eps": 0.5, "w_kd": 2.0}, 9)
     assert float(both) == pytest.approx(0.5 * float(eps_only) + 2.0 * float(kd_sparse), rel=1e-5)
