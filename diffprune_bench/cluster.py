@@ -51,7 +51,6 @@ from .suite import (
     finished_fid,
     run_cell,
 )
-from .trainer import CHECKPOINT_NAME
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 CLUSTER_EXECUTORS = ("slurm", "submitit-local")
@@ -228,16 +227,16 @@ def submit_sweep(
     dense = [item for item in work if item[0].method == BASELINE_METHOD]
     rest = [item for item in work if item[0].method != BASELINE_METHOD]
     if not options.waits:
-        jobs = _submit_array(executor, dense, job_fn)
-        if rest:
-            if jobs:  # the array of the other cells starts once the dense array has ended
-                after = jobs[0].job_id.split("_")[0]
-                executor.update_parameters(slurm_dependency=f"afterany:{after}")
-            jobs += _submit_array(executor, rest, job_fn)
-        _note_jobs(work, jobs, options.executor, folder)
-        log(f"submitted {len(jobs)} job(s) to {options.executor} (logs in {folder}); "
+        first_jobs = _submit_array(executor, dense, job_fn)
+        _note_jobs(dense, first_jobs, options.executor, folder)
+        if rest and first_jobs:  # the array of the other cells starts once the dense array has ended
+            after = first_jobs[0].job_id.split("_")[0]
+            executor.update_parameters(slurm_dependency=f"afterany:{after}")
+        rest_jobs = _submit_array(executor, rest, job_fn)
+        _note_jobs(rest, rest_jobs, options.executor, folder)
+        log(f"submitted {len(first_jobs) + len(rest_jobs)} job(s) to {options.executor} (logs in {folder}); "
             f"follow them with `diffbench sweep SUITE --status`")
-        return [cell for cell, _ in work]
+        return [cell for cell, _ in dense + rest]
     poll = options.poll_s if options.poll_s is not None else (30.0 if options.executor == "slurm" else 1.0)
     for phase in (dense, rest):
         if options.executor == "slurm":  # one array per phase; SLURM caps how many tasks run at once
@@ -291,6 +290,8 @@ def _job_outcome(job: submitit.Job, cfg: RunConfig) -> CellOutcome:
     try:
         outcome = job.result()
     except Exception as error:  # noqa: BLE001 - submitit's FailedJobError / UncompletedJobError and the like
+        from .trainer import CHECKPOINT_NAME  # imported here: job processes need not load diffusers
+
         last_line = (str(error).strip().splitlines() or [""])[-1]
         reason = f"job {job.job_id}: {type(error).__name__}: {last_line}"
         run_dir = Path(cfg.results_dir) / str(cfg.run_id)

@@ -1,10 +1,12 @@
 """One run on several processes: the glue between the harness and Hugging Face Accelerate (DDP).
 
-Launch any run with ``accelerate launch --num_processes N -m diffprune_bench.cli run ...`` or
-``torchrun --nproc-per-node N -m diffprune_bench.cli run ...`` (a SLURM sweep with ``--gpus-per-run N``
-starts its tasks through submitit and exports the same variables). When ``WORLD_SIZE`` says one
-process, nothing here touches torch.distributed and every call is the identity, so a single-process run
-is exactly what it was before this module existed.
+Launch any run with ``accelerate launch --multi_gpu --num_processes N -m diffprune_bench.cli run ...``
+or ``torchrun --nproc-per-node N -m diffprune_bench.cli run ...`` (on CPUs use torchrun: accelerate's
+``--cpu`` launches one process); a SLURM sweep with ``--gpus-per-run N`` starts its tasks through
+submitit, which exports the same variables. Accelerate joins the process group from them (NCCL on GPUs,
+gloo on CPUs) and gives each rank its device. When ``WORLD_SIZE`` says one process, nothing here
+touches torch.distributed and every call is the identity, so a single-process run is exactly what it
+was before this module existed.
 
 The contract that keeps N processes equivalent to one process with the same global batch:
 
@@ -14,7 +16,7 @@ The contract that keeps N processes equivalent to one process with the same glob
 - **Noise**: inside a training step, ``ctx.loss_fn`` draws noise and timesteps for the global batch
   from the shared seeded generator and keeps this rank's slice (:meth:`Distributed.draw_noise`), so
   the N shards together see exactly the noise one process would have drawn.
-- **Gradients**: the model runs under ``DistributedDataParallel`` (prepared by Accelerate), which
+- **Gradients**: the loss runs through ``DistributedDataParallel`` (:class:`ModelDDP`), which
   all-reduces (averages) gradients during ``backward``; with equal shards the average of the local
   means is the global mean, and every hook after ``backward`` (RigL's dense gradient, clipping, the
   optimizer) sees the same gradient on every rank.
@@ -31,6 +33,7 @@ running statistics, the only buffers are masks, and those are synchronised where
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -179,16 +182,13 @@ class AccelerateDistributed(Distributed):
                 )
             return self.device
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+        from accelerate.utils import InitProcessGroupKwargs
 
         cpu = device.type == "cpu"
         self.backend = "gloo" if cpu else "nccl"
         self.accelerator = Accelerator(
             cpu=cpu,
-            kwargs_handlers=[
-                InitProcessGroupKwargs(backend=self.backend, timeout=COLLECTIVE_TIMEOUT),
-                DistributedDataParallelKwargs(broadcast_buffers=False),
-            ],
+            kwargs_handlers=[InitProcessGroupKwargs(backend=self.backend, timeout=COLLECTIVE_TIMEOUT)],
         )
         state = self.accelerator.state
         self.world_size, self.rank = state.num_processes, state.process_index
@@ -206,8 +206,12 @@ class AccelerateDistributed(Distributed):
         self._group()
         if not any(p.requires_grad for p in model.parameters()):
             return model
-        # DDP checks that every rank holds the same parameter shapes and copies rank 0's values to all
-        return self.accelerator.prepare_model(model, device_placement=False)
+        # DDP checks that every rank holds the same parameter shapes and copies rank 0's values to all;
+        # buffers (masks) are not re-sent at every forward: they are broadcast where they change
+        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
+                   else {"broadcast_buffers": False})
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return ModelDDP(model, device_ids=device_ids, **buffers)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         self._group()
@@ -244,6 +248,20 @@ class AccelerateDistributed(Distributed):
             yield
 
 
+class ModelDDP(nn.parallel.DistributedDataParallel):
+    """DDP that lets a method's loss read its model's own attributes through the wrapper (a slimmable
+    supernet's width state, a diffusers config), as it can through ``torch.compile``'s wrapper."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+_DDP_ARGS = set(inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters)
 _CURRENT: Distributed | None = None
 
 

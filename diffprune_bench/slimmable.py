@@ -102,7 +102,8 @@ class _SlimmableMixin:
     width gets a plan: a count of leading channels (sliced with ``narrow``, a view) or, for layouts of
     several parts, an index (``index_select``). While gradients are off (sampling, MAC counting) the
     sliced tensors are cached contiguous per width, keyed by the parameters' version counters, so a
-    narrow width runs without re-slicing and any in-place weight update invalidates the cache.
+    narrow width runs without re-slicing and any in-place weight update invalidates the cache (not
+    while tracing: the MAC counter must see the slicing ops, not cached constants).
     """
 
     slim_in: Segments
@@ -144,7 +145,8 @@ class _SlimmableMixin:
             if input_channels != expected:
                 raise RuntimeError(f"{type(self).__name__}: input has {input_channels} channels, "
                                    f"width {width:g} expects {expected}")
-        cacheable = not torch.is_grad_enabled()
+        # cache only for inference; a trace (fvcore's MAC count) must see the slicing ops themselves
+        cacheable = not torch.is_grad_enabled() and not torch.jit.is_tracing()
         if cacheable:
             key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t, _, _ in specs)
             hit = self._slim_weight_cache.get(width)

@@ -158,3 +158,18 @@ def test_narrow_width_trains_only_its_leading_channels(slim: nn.Module) -> None:
     active = make_divisible(32 * 0.25)
     assert grad[:active, :active].abs().sum() > 0
     assert grad[active:].abs().sum() == 0 and grad[:, active:].abs().sum() == 0
+
+
+def test_inference_weight_cache_follows_in_place_updates(slim: nn.Module) -> None:
+    model = copy.deepcopy(slim)
+    view = WidthView(model, 0.5)
+    x, t = _inputs()
+    with torch.no_grad():
+        cached = view(x, t).sample
+        assert torch.equal(view(x, t).sample, cached)  # served from the cache
+    assert torch.allclose(view(x, t).sample, cached, atol=1e-6)  # the grad path slices afresh
+    with torch.no_grad():
+        model.down_blocks[0].resnets[0].conv1.weight.mul_(2.0)  # e.g. an optimizer or EMA update
+        updated = view(x, t).sample
+    assert not torch.allclose(updated, cached)
+    assert torch.allclose(view(x, t).sample, updated, atol=1e-6)

@@ -191,3 +191,21 @@ def test_end_to_end_one_record_per_inference_pattern(tiny_config):
         assert info["sparse_kernel"] is False and info["dense_kept"]
         effective[record["variant"]] = metrics["macs_effective"]
     assert effective["1:4"] < effective["2:4"] < effective["3:4"] < records[0]["metrics"]["macs_dense"]
+
+
+def test_layers_not_divisible_by_m_stay_dense_and_are_listed(tiny_config):
+    ctx = _context(tiny_config, steps=0)
+    method = create_method("sparsedm", {"m": 32, "stages": ["16:32"], "inference_patterns": ["16:32"]})
+    model = method.prepare(build_model("tiny", seed=0), ctx)
+    (deployable,) = method.export(model, ctx)
+    kept = deployable.info["dense_kept"]
+    modules = dict(deployable.model.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in ("conv_in", "conv_out"):
+            in_dim = module.weight.shape[1]
+            if in_dim % 32:
+                assert kept[name] == f"input dim {in_dim} is not a multiple of M=32"
+                assert (module.weight != 0).all()
+            else:
+                assert name not in kept and (nonzeros_per_group(module.weight, 32) == 16).all()
+    assert any("not a multiple" in reason for reason in kept.values())
