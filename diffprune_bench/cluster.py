@@ -26,6 +26,7 @@ on this machine (its tests, and a dry run of a cluster configuration on a workst
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,6 +145,8 @@ class CellJob(submitit.helpers.Checkpointable):
         if environment.num_tasks > 1:  # one task per GPU: join them as one torch.distributed run
             environment_vars = submitit.helpers.TorchDistributedEnvironment()
             environment_vars.export(set_cuda_visible_devices=False, overwrite=True)
+            if os.environ.get("SUBMITIT_EXECUTOR") == "local":  # one machine: keep the traffic on loopback
+                os.environ["MASTER_ADDR"] = "127.0.0.1"
             from .harness import select_device
 
             current_distributed().setup(select_device(cfg.device))
@@ -288,13 +291,16 @@ def _job_outcome(job: submitit.Job, cfg: RunConfig) -> CellOutcome:
     """The outcome rank 0 returned; a job that died (killed, out of memory, out of requeues) fails its cell,
     unless it left a training checkpoint: then the next sweep resumes it and no failed record is written."""
     try:
-        outcome = job.result()
+        outcome = job.results()[0]  # rank 0's: the other tasks of a multi-GPU run return None
     except Exception as error:  # noqa: BLE001 - submitit's FailedJobError / UncompletedJobError and the like
         from .trainer import CHECKPOINT_NAME  # imported here: job processes need not load diffusers
 
         last_line = (str(error).strip().splitlines() or [""])[-1]
         reason = f"job {job.job_id}: {type(error).__name__}: {last_line}"
         run_dir = Path(cfg.results_dir) / str(cfg.run_id)
+        done = finished_fid(run_dir)
+        if done is not None:  # it died after writing its record (in teardown, say): the record stands
+            return CellOutcome(None, done, 0.0)
         if (run_dir / "checkpoint" / CHECKPOINT_NAME).is_file() and not (run_dir / RECORD_NAME).is_file():
             return CellOutcome(f"interrupted ({reason}); the next sweep resumes it from its checkpoint",
                                None, 0.0)

@@ -198,6 +198,26 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, s
     assert board.records == 2  # the leaderboard reads what the jobs wrote
 
 
+@pytest.mark.slow
+def test_gpus_per_run_2_runs_each_cell_as_one_job_of_two_ddp_tasks(tmp_path, shared_cache, jobs_import_tests):
+    """``--gpus-per-run 2`` on CPUs: two tasks per job, joined with gloo; rank 0 alone writes the record."""
+    from conftest import TINY_BUDGET
+
+    options = {**TINY_BUDGET, "cache_dir": str(shared_cache)}
+    suite = parse_suite(suite_data(methods=["rigl"], sparsities=[0.5], seeds=[0], options=options))
+    runs = tmp_path / "runs"
+    result = sweep(suite, {"results_dir": str(runs)}, progress=False, log=quiet,
+                   cluster=ClusterOptions(executor="submitit-local", gpus_per_run=2, poll_s=0.5))
+    assert result.failures == 0 and len(result.completed) == 2, result.failed
+    records = load_records(runs)
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    rigl = next(r for r in records if r["method"] == "rigl")
+    assert rigl["device"]["processes"] == 2 and rigl["device"]["backend"] == "gloo"
+    assert rigl["training"]["images_seen"] == TINY_BUDGET["base_steps"] * TINY_BUDGET["batch_size"]
+    logs = sorted(p.name for p in (runs / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 4  # two jobs, two tasks each
+
+
 def test_status_reads_records_claims_checkpoints_and_job_notes(tmp_path):
     suite = parse_suite(suite_data())
     runs = tmp_path / "runs"

@@ -1,0 +1,336 @@
+"""Pieces of gradient-flow pruning (``methods/gradflow.py``): Hessian-gradient product, GraSP scores,
+the soft-mask schedule, channel masks that emulate removal, and per-weight masks.
+
+Everything here is a pure helper with one job, so each can be tested alone:
+
+* :func:`hessian_gradient_product` -- H g from ONE double backward: ``g = dL/dtheta`` with
+  ``create_graph=True``, then the gradient of ``g . stop_grad(g)``, which is ``H g`` (Pearlmutter's trick;
+  GraSP, Wang et al. ICLR 2020, computes its score the same way).
+* :func:`grasp_scores` -- ``S = -theta * (H g)``: the first-order change of ``1/2 ||g||^2`` when the
+  weights are removed (delta = -theta). S > 0 means the removal *raises* the gradient norm.
+* :func:`mask_value` / :func:`pruning_steps` -- when the pruning iterations happen and how far the selected
+  masks have decayed at each (linear or cosine to exactly 0 at the end of the stage).
+* :class:`GroupScoreImportance` -- a Torch-Pruning importance that sums any per-parameter score tensors
+  over every weight a coupled channel group removes (signed, unlike Taylor's |w*g|).
+* :class:`ChannelMasks` -- one [0, 1] mask per output channel of every layer a group produces, applied by
+  forward hooks. GroupNorm statistics are taken over the channels weighted by their mask, so with binary
+  masks the masked model computes exactly what the physically pruned one does (test_gradflow checks it).
+* :class:`FixedWidthPruner` -- :class:`~diffprune_bench.structural.UNetPruner` at fixed per-group widths:
+  which channels Torch-Pruning would remove (``selection``), and the physical removal (``prune``).
+* :class:`WeightMasks` -- the unstructured variant: a soft mask per weight (a parametrization), and
+  :func:`select_weights_for_macs`, which picks the weights to prune so the effective MACs hit a target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import BenchError
+from .structural import ChannelPlan, UNetPruner, _torch_pruning_ratio, layer_widths
+
+SCHEDULES = ("linear", "cosine")
+
+
+# ---------------------------------------------------------------- second order
+def hessian_gradient_product(
+    loss: torch.Tensor, params: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(g, H g) of ``loss`` w.r.t. ``params`` with one double backward.
+
+    d/dtheta [g(theta) . stop_grad(g)] = H g, because the second factor is a constant. Parameters the loss
+    does not reach get zeros. Attention must run on a twice-differentiable kernel (the caller selects
+    ``SDPBackend.MATH``; the fused CPU/GPU kernels have no double backward).
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+    dot = sum((g * g.detach()).sum() for g in grads if g.requires_grad)
+    if not isinstance(dot, torch.Tensor):  # the loss is linear in every parameter: H = 0
+        return [g.detach() for g in grads], [torch.zeros_like(p) for p in params]
+    hg = torch.autograd.grad(dot, params, allow_unused=True, materialize_grads=True)
+    return [g.detach() for g in grads], [h.detach() for h in hg]
+
+
+def grasp_scores(params: Sequence[torch.Tensor], hg: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """GraSP's S(-theta) = -theta * (H g), element-wise (Wang et al. 2020, Eq. 8)."""
+    return [-(p.detach() * h) for p, h in zip(params, hg)]
+
+
+# ---------------------------------------------------------------- the schedule
+def mask_value(progress: float, schedule: str) -> float:
+    """Mask of the selected channels after ``progress`` in [0, 1] of the pruning stage: 1 at the start,
+    exactly 0 at the end, non-increasing in between (``linear``: 1 - p; ``cosine``: (1 + cos(pi p)) / 2)."""
+    if schedule not in SCHEDULES:
+        raise BenchError(f"mask schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    p = min(max(progress, 0.0), 1.0)
+    if p >= 1.0:
+        return 0.0
+    return 1.0 - p if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def pruning_steps(total_steps: int, stage_fraction: float, iterations: int) -> list[int]:
+    """Trainer steps (0-based, after which a pruning iteration runs), evenly spread over the first
+    ``stage_fraction`` of ``total_steps``; the last one ends the stage. Fewer when the stage is shorter
+    than ``iterations`` steps; empty for a zero budget (the method then prunes in one go at export)."""
+    stage = max(1, round(total_steps * stage_fraction)) if total_steps > 0 else 0
+    count = min(iterations, stage)
+    return sorted({round(stage * k / count) - 1 for k in range(1, count + 1)}) if count else []
+
+
+# ---------------------------------------------------------------- group scores
+_OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+_IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+_NORM_FNS = (tp.prune_groupnorm_out_channels, tp.prune_layernorm_out_channels, tp.prune_batchnorm_out_channels)
+
+
+class GroupScoreImportance(tp.importance.Importance):
+    """Channel importance = sum of per-element scores over every weight its removal takes away.
+
+    ``scores`` maps a parameter (by identity) to a tensor of its shape. Out-channel layers contribute their
+    filter rows and biases, consuming layers the matching input slices, norms their affine entries;
+    parameters without a score contribute nothing; ``inputs=False`` counts only the producing layers.
+    Higher = kept (Torch-Pruning removes the lowest).
+    """
+
+    def __init__(self, scores: dict[int, torch.Tensor], inputs: bool = True) -> None:
+        self.scores, self.inputs = scores, inputs
+
+    def _score(self, param: torch.Tensor | None) -> torch.Tensor | None:
+        return None if param is None else self.scores.get(id(param))
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        total: torch.Tensor | None = None
+        for i, (dep, idxs) in enumerate(group):
+            layer, fn, root = dep.target.module, dep.handler, group[i].root_idxs
+            parts: list[torch.Tensor] = []
+            weight, bias = self._score(getattr(layer, "weight", None)), self._score(getattr(layer, "bias", None))
+            if fn in _OUT_FNS or fn in _NORM_FNS:
+                if weight is not None:
+                    parts.append(weight.flatten(1).sum(1)[idxs] if weight.ndim > 1 else weight[idxs])
+                if bias is not None:
+                    parts.append(bias[idxs])
+            elif fn in _IN_FNS and weight is not None and self.inputs:
+                if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1:
+                    raise BenchError(f"grouped convolution {type(layer).__name__} is not supported by gradflow")
+                parts.append(weight.transpose(0, 1).flatten(1).sum(1)[idxs])
+            if not parts or any(r is None for r in root):
+                continue
+            if total is None:
+                total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+            index = torch.as_tensor(root, dtype=torch.long)
+            for part in parts:
+                total.scatter_add_(0, index, part.detach().double().cpu())
+        return None if total is None else total.float()
+
+
+# ---------------------------------------------------------------- channel masks
+def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor) -> torch.Tensor:
+    """GroupNorm whose mean/variance weight each channel by ``mask``: at a binary mask, exactly the
+    GroupNorm of the kept channels (what the physically pruned layer computes); at all-ones, GroupNorm."""
+    batch, channels = x.shape[:2]
+    groups = norm.num_groups
+    xg = x.reshape(batch, groups, channels // groups, -1)
+    w = mask.to(x.dtype).reshape(1, groups, channels // groups, 1)
+    count = (w.sum(2, keepdim=True) * xg.shape[-1]).clamp_min(1e-12)
+    mean = (xg * w).sum((2, 3), keepdim=True) / count
+    var = ((xg - mean).pow(2) * w).sum((2, 3), keepdim=True) / count
+    y = ((xg - mean) / torch.sqrt(var + norm.eps)).reshape_as(x)
+    shape = (1, channels) + (1,) * (x.ndim - 2)
+    if norm.affine:
+        y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+    return y
+
+
+def _channel_view(mask: torch.Tensor, output: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    shape = [1] * output.ndim
+    shape[channel_dim] = -1
+    return mask.to(output.dtype).reshape(shape)
+
+
+class ChannelMasks:
+    """A [0, 1] mask per output channel of the named layers, applied by forward hooks.
+
+    Convs and GroupNorms scale dim 1, Linears and LayerNorms the last dim; a GroupNorm also weights its
+    statistics by its mask (:func:`masked_group_norm`). ``enabled = False`` turns every hook into a no-op
+    (Torch-Pruning traces the model without them).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        device = next(model.parameters()).device
+        self.modules = {name: modules[name] for name in names}
+        self.values = {name: torch.ones(layer_widths(model)[name][0], device=device) for name in names}
+        self.enabled = True
+        self.handles: list[Any] = []
+
+    def _hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        module = self.modules[name]
+        channel_dim = 1 if isinstance(module, (nn.modules.conv._ConvNd, nn.GroupNorm)) else -1
+
+        def hook(layer: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.enabled:
+                return None
+            mask = self.values[name]
+            if isinstance(layer, nn.GroupNorm):
+                output = masked_group_norm(args[0], layer, mask)
+            return output * _channel_view(mask, output, channel_dim)
+
+        return hook
+
+    def install(self) -> None:
+        if not self.handles:
+            self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def set_selection(self, selected: dict[str, list[int]], value: float) -> None:
+        """Masks of the ``selected`` output channels to ``value``, every other channel to 1."""
+        for name, mask in self.values.items():
+            mask.fill_(1.0)
+            if selected.get(name):
+                mask[torch.as_tensor(selected[name], dtype=torch.long, device=mask.device)] = value
+
+    def distinct_values(self) -> list[float]:
+        return sorted({round(float(v), 6) for mask in self.values.values() for v in mask.unique()})
+
+    def importance(self) -> GroupScoreImportance:
+        """Scores that rank exactly the masked-out channels lowest: each out layer's mask as its score."""
+        scores: dict[int, torch.Tensor] = {}
+        for name, module in self.modules.items():
+            weight = getattr(module, "weight", None)
+            if weight is None:
+                continue
+            shape = (-1,) + (1,) * (weight.ndim - 1)
+            scores[id(weight)] = self.values[name].reshape(shape).expand_as(weight).float() / max(
+                1, math.prod(weight.shape[1:]))
+        return GroupScoreImportance(scores, inputs=False)
+
+
+# ---------------------------------------------------------------- pruning at fixed widths
+class FixedWidthPruner(UNetPruner):
+    """A :class:`UNetPruner` that removes ``removed[group]`` channels per norm group / head of every group,
+    whatever plan it is given, so the widths found once by the MAC-target search are kept while the scores
+    (hence which channels) change from one pruning iteration to the next."""
+
+    def __init__(self, model: nn.Module, importance: Any, removed: dict[str, int]) -> None:
+        self.removed = dict(removed)
+        super().__init__(model, importance)
+        missing = sorted({g.name for g in self.groups} - set(self.removed))
+        if missing:
+            raise BenchError(f"no width for pruning group(s) {', '.join(missing)}; the dependency graph changed")
+
+    def removed_per_unit(self, plan: ChannelPlan | None = None) -> dict[str, int]:
+        return {g.name: self.removed[g.name] for g in self.groups}
+
+    def selection(self) -> dict[str, list[int]]:
+        """Output channels that :meth:`prune` would remove, per producing layer (Torch-Pruning's own choice,
+        read from its interactive step without pruning anything)."""
+        modules = dict(self.model.named_modules())
+        names = {module: name for name, module in modules.items()}
+        ratios = {modules[layer]: _torch_pruning_ratio(self.removed[g.name], g.unit)
+                  for g in self.groups for layer in g.out_layers}
+        pruner = self._pruner(self.model, self._recorded(names), ratios)
+        chosen: dict[str, set[int]] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for group in pruner.step(interactive=True):
+                for dep, idxs in group:
+                    layer = dep.target.module
+                    if layer in names and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                        chosen.setdefault(names[layer], set()).update(int(i) for i in idxs)
+        finally:
+            self.model.train(was_training)
+        return {name: sorted(idxs) for name, idxs in chosen.items()}
+
+    def _recorded(self, names: dict[nn.Module, str]) -> tp.importance.Importance:
+        from .structural import _FrozenScores
+
+        return _FrozenScores(self.scores, names)
+
+
+def removed_per_group(pruner: UNetPruner, pruned: nn.Module) -> dict[str, int]:
+    """Channels removed per norm group / head of every group, read off a pruned model's widths."""
+    widths = layer_widths(pruned)
+    removed: dict[str, int] = {}
+    for group in pruner.groups:
+        lost = group.channels - widths[group.name][0]
+        if lost % group.units:
+            raise BenchError(f"group {group.name!r} lost {lost} channels, not a multiple of its {group.units} units")
+        removed[group.name] = lost // group.units
+    return removed
+
+
+# ---------------------------------------------------------------- the unstructured variant
+class _SoftWeightMask(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+class WeightMasks:
+    """A soft [0, 1] mask per weight of the named Conv2d/Linear layers, as a parametrization
+    (``weight = original * mask``); :meth:`bake` removes the parametrizations, leaving masked weights."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        self.modules = {name: modules[name] for name in names}
+        self.values = {name: torch.ones_like(m.weight, requires_grad=False) for name, m in self.modules.items()}
+
+    def install(self) -> None:
+        for name, module in self.modules.items():
+            if not parametrize.is_parametrized(module, "weight"):
+                parametrize.register_parametrization(module, "weight", _SoftWeightMask(self.values[name]))
+
+    def bake(self) -> None:
+        for module in self.modules.values():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors behind the masked weights (what the scores are taken on)."""
+        return {name: (m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight)
+                for name, m in self.modules.items()}
+
+    def set_selection(self, selected: dict[str, torch.Tensor], value: float) -> None:
+        for name, mask in self.values.items():
+            mask.fill_(1.0)
+            mask[selected[name]] = value
+
+    def distinct_values(self) -> list[float]:
+        return sorted({round(float(v), 6) for mask in self.values.values() for v in mask.unique()})
+
+
+def select_weights_for_macs(
+    importance: dict[str, torch.Tensor], macs_per_weight: dict[str, float], target_macs: float
+) -> dict[str, torch.Tensor]:
+    """Boolean masks of the least important weights (global ranking) whose removal saves ``target_macs``:
+    weights are taken in ascending importance until the MACs they carry (their layer's MACs / its weights)
+    reach the target, so the effective MAC reduction lands on it whatever layers the ranking favours."""
+    names = list(importance)
+    flat = torch.cat([importance[n].flatten().double().cpu() for n in names])
+    cost = torch.cat([torch.full((importance[n].numel(),), macs_per_weight[n], dtype=torch.float64) for n in names])
+    order = torch.argsort(flat, stable=True)
+    saved = torch.cumsum(cost[order], 0)
+    count = int(torch.searchsorted(saved, torch.tensor([target_macs], dtype=torch.float64)).item()) + 1
+    count = min(count, len(order)) if target_macs > 0 else 0
+    chosen = torch.zeros(len(flat), dtype=torch.bool)
+    chosen[order[:count]] = True
+    out, start = {}, 0
+    for n in names:
+        size = importance[n].numel()
+        out[n] = chosen[start:start + size].reshape(importance[n].shape).to(importance[n].device)
+        start += size
+    return out
