@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,9 @@ class ClusterOptions:
                 raise BenchError(f"{', '.join(given)} only apply to --executor slurm, not {self.executor!r}")
             if self.wait is False:
                 raise BenchError("--no-wait needs --executor slurm: a local sweep waits for its jobs")
+        elif shutil.which("srun") is None:
+            raise BenchError("--executor slurm: no `srun` on PATH; run the sweep on a SLURM login node "
+                             "(or try the jobs here with --executor submitit-local)")
         return self
 
     @property
@@ -114,7 +118,8 @@ def cluster_options(executor: str, jobs: int | None = None, slurm_params: list[s
         extra = sorted(f"--{k.replace('_', '-')}" for k in given)
         extra += ["--slurm-param"] if slurm_params else []
         if extra:
-            raise BenchError(f"{', '.join(extra)} need --executor slurm or submitit-local")
+            verb = "need" if len(extra) > 1 else "needs"
+            raise BenchError(f"{', '.join(extra)} {verb} --executor slurm or submitit-local")
         return None
     if executor not in CLUSTER_EXECUTORS:
         raise BenchError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
@@ -185,15 +190,9 @@ class CellJob(submitit.helpers.Checkpointable):
 def make_executor(options: ClusterOptions, folder: Path, device: str) -> submitit.Executor:
     """A submitit executor with the sweep's resources (GPUs only when the runs use CUDA)."""
     cluster = "slurm" if options.executor == "slurm" else "local"
-    try:
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
-                                         slurm_max_num_timeout=options.max_timeouts,
-                                         local_max_num_timeout=options.max_timeouts)
-    except RuntimeError as error:  # submitit found no srun
-        raise BenchError(
-            f"--executor slurm: {error} (run the sweep on a SLURM login node, or try the jobs here with "
-            "--executor submitit-local)"
-        ) from None
+    requeues = options.max_timeouts
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=requeues,
+                                     local_max_num_timeout=requeues)
     gpus = 0 if device == "cpu" else options.gpus_per_run
     params: dict[str, Any] = {"timeout_min": options.timeout_min, "nodes": 1, "name": "diffbench",
                               "tasks_per_node": options.gpus_per_run, "gpus_per_node": gpus}
@@ -264,17 +263,22 @@ def _run_throttled(executor: submitit.Executor, phase: Work, job_fn: CellJob, li
     """Local jobs, at most ``limit`` at a time (submitit's LocalExecutor starts whatever it is given)."""
     queue = list(phase)
     running: list[tuple[tuple[Cell, RunConfig], submitit.Job]] = []
-    while queue or running:
-        while queue and len(running) < limit:
-            item = queue.pop(0)
-            job = executor.submit(job_fn, item[1])
-            _note_jobs([item], [job], "submitit-local", folder)
-            running.append((item, job))
-        for entry in [e for e in running if e[1].done()]:
-            running.remove(entry)
-            finish(entry[0][0], _job_outcome(entry[1], entry[0][1]))
-        if running:
-            time.sleep(poll)
+    try:
+        while queue or running:
+            while queue and len(running) < limit:
+                item = queue.pop(0)
+                job = executor.submit(job_fn, item[1])
+                _note_jobs([item], [job], "submitit-local", folder)
+                running.append((item, job))
+            for entry in [e for e in running if e[1].done()]:
+                running.remove(entry)
+                finish(entry[0][0], _job_outcome(entry[1], entry[0][1]))
+            if running:
+                time.sleep(poll)
+    except BaseException:  # Ctrl-C: local jobs would outlive the sweep; their checkpoints stay resumable
+        for _, job in running:
+            job.cancel(check=False)
+        raise
 
 
 def _wait(entries: list[tuple[tuple[Cell, RunConfig], submitit.Job]], finish: Finish, poll: float) -> None:

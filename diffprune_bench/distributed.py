@@ -23,7 +23,9 @@ The contract that keeps N processes equivalent to one process with the same glob
 - **Masks**: whatever a method decides from weights and gradients is decided on rank 0 and
   broadcast (:meth:`Distributed.broadcast_`), so a tie broken differently by a non-deterministic kernel
   can never leave ranks with different sparse networks. ``MaskManager`` does this for RigL / MagRan /
-  Static; a method may call ``ctx.distributed.broadcast_`` or ``all_reduce_mean_`` itself.
+  Static; a method may call ``ctx.distributed.broadcast_`` / ``all_reduce_mean_`` on tensors or
+  ``broadcast_object`` on any other decision (a channel selection) itself. Methods that draw their
+  own training noise should take it from ``ctx.noise_and_timesteps(x0)``.
 - **Files**: only rank 0 (``is_main``) writes records, checkpoints and caches.
 
 Buffers are not re-broadcast at every forward (DDP's ``broadcast_buffers``): the UNets have no

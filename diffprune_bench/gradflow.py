@@ -58,7 +58,7 @@ def hessian_gradient_product(
 
 def grasp_scores(params: Sequence[torch.Tensor], hg: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """GraSP's S(-theta) = -theta * (H g), element-wise (Wang et al. 2020, Eq. 8)."""
-    return [-(p.detach() * h) for p, h in zip(params, hg)]
+    return [-(p.detach() * h) for p, h in zip(params, hg, strict=True)]
 
 
 # ---------------------------------------------------------------- the schedule
@@ -79,7 +79,7 @@ def pruning_steps(total_steps: int, stage_fraction: float, iterations: int) -> l
     than ``iterations`` steps; empty for a zero budget (the method then prunes in one go at export)."""
     stage = max(1, round(total_steps * stage_fraction)) if total_steps > 0 else 0
     count = min(iterations, stage)
-    return sorted({round(stage * k / count) - 1 for k in range(1, count + 1)}) if count else []
+    return sorted({math.ceil(stage * k / count) - 1 for k in range(1, count + 1)}) if count else []
 
 
 # ---------------------------------------------------------------- group scores
@@ -130,17 +130,38 @@ class GroupScoreImportance(tp.importance.Importance):
 
 
 # ---------------------------------------------------------------- channel masks
-def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor) -> torch.Tensor:
-    """GroupNorm whose mean/variance weight each channel by ``mask``: at a binary mask, exactly the
-    GroupNorm of the kept channels (what the physically pruned layer computes); at all-ones, GroupNorm."""
+def _normalize(x: torch.Tensor, weight: torch.Tensor, group_of: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Normalise every channel of ``x`` [B, C, L] by the ``weight``-weighted mean/variance of its group."""
+    onehot = nn.functional.one_hot(group_of, groups).to(x.dtype) * weight.to(x.dtype)[:, None]  # [C, G]
+    count = (onehot.sum(0) * x.shape[-1]).clamp_min(1e-12)  # [G]
+    mean = torch.einsum("bcl,cg->bg", x, onehot) / count
+    centred = x - mean[:, group_of, None]
+    var = torch.einsum("bcl,cg->bg", centred.pow(2), onehot) / count
+    return centred / torch.sqrt(var[:, group_of, None] + eps)
+
+
+def masked_group_norm(
+    x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor, kept: torch.Tensor | None = None, level: float = 1.0
+) -> torch.Tensor:
+    """GroupNorm that moves from the dense layer to the pruned one along the mask schedule.
+
+    Two normalisations are blended, ``level * dense + (1 - level) * pruned``: ``dense`` takes each group's
+    statistics over its channels weighted by ``mask`` (plain GroupNorm at an all-ones mask); ``pruned`` is
+    what the physically pruned layer computes: only the ``kept`` channels count, regrouped in order into
+    ``num_groups`` equal groups (removing channels unevenly from a concatenation moves channels across the
+    dense groups). At ``level`` 0 (the end of the stage) the result is exactly the pruned layer's.
+    """
     batch, channels = x.shape[:2]
     groups = norm.num_groups
-    xg = x.reshape(batch, groups, channels // groups, -1)
-    w = mask.to(x.dtype).reshape(1, groups, channels // groups, 1)
-    count = (w.sum(2, keepdim=True) * xg.shape[-1]).clamp_min(1e-12)
-    mean = (xg * w).sum((2, 3), keepdim=True) / count
-    var = ((xg - mean).pow(2) * w).sum((2, 3), keepdim=True) / count
-    y = ((xg - mean) / torch.sqrt(var + norm.eps)).reshape_as(x)
+    flat = x.reshape(batch, channels, -1)
+    dense_groups = torch.arange(channels, device=x.device) // (channels // groups)
+    y = _normalize(flat, mask, dense_groups, groups, norm.eps) if level > 0 or kept is None else 0.0
+    if kept is not None and level < 1:
+        per = max(1, int(kept.sum()) // groups)
+        pruned_groups = ((torch.cumsum(kept.long(), 0) - 1).clamp_min(0) // per).clamp_max(groups - 1)
+        pruned = _normalize(flat, kept.to(x.dtype), pruned_groups, groups, norm.eps)
+        y = pruned if level <= 0 else level * y + (1 - level) * pruned
+    y = y.reshape_as(x)
     shape = (1, channels) + (1,) * (x.ndim - 2)
     if norm.affine:
         y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
@@ -166,6 +187,8 @@ class ChannelMasks:
         device = next(model.parameters()).device
         self.modules = {name: modules[name] for name in names}
         self.values = {name: torch.ones(layer_widths(model)[name][0], device=device) for name in names}
+        self.kept: dict[str, torch.Tensor] = {}
+        self.level = 1.0
         self.enabled = True
         self.handles: list[Any] = []
 
@@ -178,7 +201,7 @@ class ChannelMasks:
                 return None
             mask = self.values[name]
             if isinstance(layer, nn.GroupNorm):
-                output = masked_group_norm(args[0], layer, mask)
+                output = masked_group_norm(args[0], layer, mask, self.kept.get(name), self.level)
             return output * _channel_view(mask, output, channel_dim)
 
         return hook
@@ -194,10 +217,12 @@ class ChannelMasks:
 
     def set_selection(self, selected: dict[str, list[int]], value: float) -> None:
         """Masks of the ``selected`` output channels to ``value``, every other channel to 1."""
+        self.level = value
         for name, mask in self.values.items():
             mask.fill_(1.0)
             if selected.get(name):
                 mask[torch.as_tensor(selected[name], dtype=torch.long, device=mask.device)] = value
+            self.kept[name] = mask == 1.0 if value < 1.0 else torch.ones_like(mask, dtype=torch.bool)
 
     def distinct_values(self) -> list[float]:
         return sorted({round(float(v), 6) for mask in self.values.values() for v in mask.unique()})

@@ -175,7 +175,8 @@ class Trainer:
         started = time.perf_counter()
         loss_value: float | None = None
         bar = tqdm(range(start_step, total), desc=self.description, initial=start_step, total=total,
-                   leave=False, dynamic_ncols=True, disable=total == 0 or None)
+                   leave=False, dynamic_ncols=True,
+                   disable=total == 0 or not self.ctx.distributed.is_main or None)  # one bar per run
         for step in bar:
             x0 = self.ctx.distributed.local_shard(self.ctx.next_batch())  # this rank's share of the batch
             x0 = x0.contiguous(memory_format=self.memory_format)

@@ -24,6 +24,8 @@ parameter (defaults are ours unless said otherwise):
   fine-tune steps; at iteration k of K the selected channels' masks are ``mask_value(k/K)`` (``cosine`` or
   ``linear`` decay, exactly 0 at k = K), the others 1. With ``reselect`` the selection is re-scored at
   every iteration (a channel may recover, as in soft filter pruning); otherwise the first one is kept.
+  With ``score_average`` the ranking uses the mean score of all iterations so far, which damps the noise
+  of one batch of random timesteps so the selection settles while the masks are still close to 1.
 * The end of the stage: masks are exactly 0 or 1. The binary-masked model computes exactly what the
   physically pruned one does (GroupNorm statistics are mask-weighted; test_gradflow checks it), so the
   rest of the budget fine-tunes it as is and ``export`` removes the 0-channels through the same
@@ -84,6 +86,10 @@ class GradFlowParams(StructuredParams):
     reselect: bool = True
     #: batches per scoring; each is one double backward of the diffusion loss at uniform timesteps
     score_batches: int = 1
+    #: rank by the mean of the scores of all iterations so far (True) or by the latest one alone; one batch
+    #: of random timesteps is a noisy estimate, and the mean keeps late iterations from swapping channels
+    #: abruptly (a newly selected channel would jump from 1 to the current, small mask)
+    score_average: bool = True
     #: "channel" (structured, coupled channel groups) or "weight" (unstructured variant, per-weight masks)
     granularity: str = "channel"
 
@@ -102,6 +108,8 @@ class GradFlow(Method):
         self.done = False
         self.history: list[dict[str, Any]] = []
         self.selected: Any = None
+        self.score_sum: dict[str, torch.Tensor] = {}
+        self.score_count = 0
         self.masks: ChannelMasks | WeightMasks | None = None
         self.info: dict[str, Any] = {}
 
@@ -130,7 +138,8 @@ class GradFlow(Method):
         self.info.update(criterion=f"grasp -theta*Hg ({self.params.direction} grad norm)",
                          granularity=self.params.granularity, mask_schedule=self.params.schedule,
                          stage_fraction=self.params.stage_fraction, pruning_steps=list(self.steps),
-                         pruning_iterations=len(self.steps), reselect=self.params.reselect)
+                         pruning_iterations=len(self.steps), reselect=self.params.reselect,
+                         score_average=self.params.score_average)
         return model
 
     def _prepare_channels(self, model: nn.Module, ctx: Any) -> None:
@@ -161,8 +170,10 @@ class GradFlow(Method):
 
     # ------------------------------------------------------------ the pruning stage
     def _scores(self, model: nn.Module, ctx: Any) -> dict[int, torch.Tensor]:
-        """Importance (higher = kept) per parameter, by identity: -S for "raise", S for "lower"."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        """Importance (higher = kept) per parameter, by identity: -S for "raise", S for "lower"; with
+        ``score_average`` the running mean over the iterations so far (kept by name, for resume)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         total = [torch.zeros_like(p) for p in params]
         was_training = model.training
         model.eval()
@@ -172,14 +183,20 @@ class GradFlow(Method):
                 for _ in range(self.params.score_batches):
                     loss = ctx.loss_fn(model, ctx.next_batch())
                     _, hg = hessian_gradient_product(loss, params)
-                    for acc, h in zip(total, hg):
+                    for acc, h in zip(total, hg, strict=True):
                         acc.add_(h)
                     losses.append(float(loss.detach()))
         finally:
             model.train(was_training)
         sign = -1.0 if self.params.direction == "raise" else 1.0
         self._last_loss = sum(losses) / len(losses)
-        return {id(p): sign * s for p, s in zip(params, grasp_scores(params, total))}
+        latest = {n: sign * s for (n, _), s in zip(named, grasp_scores(params, total), strict=True)}
+        if self.params.score_average and self.score_sum:
+            self.score_sum = {n: self.score_sum[n] + latest[n] for n in latest}
+        else:
+            self.score_sum = latest
+        self.score_count = self.score_count + 1 if self.params.score_average else 1
+        return {id(p): self.score_sum[n] / self.score_count for n, p in named}
 
     def _iterate(self, model: nn.Module, ctx: Any, progress: float) -> None:
         value = mask_value(progress, self.params.schedule)
@@ -252,10 +269,17 @@ class GradFlow(Method):
     # ------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         masks = None if self.masks is None else {n: m.clone() for n, m in self.masks.values.items()}
-        return {"masks": masks, "selected": self.selected, "done": self.done, "history": list(self.history)}
+        level = getattr(self.masks, "level", None)
+        return {"masks": masks, "level": level, "selected": self.selected, "done": self.done,
+                "history": list(self.history), "score_sum": self.score_sum, "score_count": self.score_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.masks is not None and state.get("masks"):
             for name, value in state["masks"].items():
                 self.masks.values[name].copy_(value)
+        if isinstance(self.masks, ChannelMasks) and state.get("level") is not None:
+            self.masks.level = state["level"]
+            self.masks.kept = {n: (m == 1.0) if self.masks.level < 1 else torch.ones_like(m, dtype=torch.bool)
+                               for n, m in self.masks.values.items()}
         self.selected, self.done, self.history = state["selected"], state["done"], list(state["history"])
+        self.score_sum, self.score_count = state.get("score_sum") or {}, state.get("score_count", 0)

@@ -59,8 +59,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.mark.parametrize(
     ("executor", "given", "message"),
     [
-        ("local", {"partition": "gpu"}, "--partition need --executor slurm or submitit-local"),
-        ("local", {"gpus_per_run": 2}, "--gpus-per-run need --executor slurm or submitit-local"),
+        ("local", {"partition": "gpu"}, "--partition needs --executor slurm or submitit-local"),
+        ("local", {"gpus_per_run": 2}, "--gpus-per-run needs --executor slurm or submitit-local"),
         ("pbs", {}, "executor 'pbs' is not one of local, slurm, submitit-local"),
         ("submitit-local", {"partition": "gpu"}, "--partition only apply to --executor slurm"),
         ("submitit-local", {"wait": False}, "--no-wait needs --executor slurm"),
@@ -80,7 +80,11 @@ def test_local_executor_keeps_todays_sweep_and_bad_slurm_params_are_usage_errors
     path = tmp_path / "grid.yaml"
     path.write_text(json.dumps(suite_data()))
     result = CliRunner().invoke(app, ["sweep", str(path), "--partition", "gpu"])
-    assert result.exit_code == 2 and "--partition need --executor slurm" in result.output
+    assert result.exit_code == 2 and "--partition needs --executor slurm" in result.output
+    no_srun = CliRunner().invoke(app, ["sweep", str(path), "--executor", "slurm", "--results-dir",
+                                       str(tmp_path / "runs")], env={"PATH": str(tmp_path)})
+    assert no_srun.exit_code == 2 and "no `srun` on PATH" in no_srun.output
+    assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------- SLURM scripts (stand-in sbatch)
@@ -145,7 +149,8 @@ def test_submitit_local_jobs_run_dense_first_and_a_killed_job_resumes_in_the_nex
     thread = threading.Thread(target=lambda: outcome.setdefault("result", sweep(
         suite, {"results_dir": str(runs)}, run_fn=job_run, progress=False, log=quiet, cluster=cluster)))
     thread.start()
-    wait_for(lambda: (stalled / "checkpoint" / CHECKPOINT_NAME).is_file() and holder(stalled), 120, "a checkpoint")
+    checkpoint = stalled / "checkpoint" / CHECKPOINT_NAME
+    wait_for(lambda: checkpoint.is_file() and holder(stalled), 120, "a checkpoint")
     os.kill(holder(stalled)["pid"], signal.SIGKILL)
     thread.join(timeout=120)
     result = outcome["result"]
@@ -158,7 +163,8 @@ def test_submitit_local_jobs_run_dense_first_and_a_killed_job_resumes_in_the_nex
     assert all(r["pid"] != os.getpid() and r["job"] for r in records.values())  # real job processes
     assert records["static0.5"]["started"] > records["dense0.0"]["ended"]  # the base-training cell first
     assert records["static0.5"]["job"] != records["dense0.0"]["job"] != holder(stalled)["pid"]
-    assert [row.state for row in sweep_status(suite, {"results_dir": str(runs)})] == ["ok", "ok", "interrupted"]
+    states = [row.state for row in sweep_status(suite, {"results_dir": str(runs)})]
+    assert states == ["ok", "ok", "interrupted"]
 
     resumed = sweep(suite, {"results_dir": str(runs)}, run_fn=job_run, progress=False, log=quiet)
     assert resumed.failures == 0 and len(resumed.completed) == 1 and len(resumed.skipped) == 2
@@ -166,7 +172,9 @@ def test_submitit_local_jobs_run_dense_first_and_a_killed_job_resumes_in_the_nex
 
 
 @pytest.mark.slow
-def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, shared_cache, jobs_import_tests):
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(
+    tmp_path, shared_cache, jobs_import_tests
+):
     """The real harness in a submitit job; SIGUSR2 (what SLURM sends before preempting) mid-training."""
     from conftest import TINY_BUDGET
 
@@ -178,8 +186,9 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, s
     overrides = {"results_dir": str(runs), "checkpoint_every": 10}
     cell_dir = runs / suite.run_id(Cell("digits", "magnitude", 0.5, 0))
     outcome = {}
+    cluster = ClusterOptions(executor="submitit-local", poll_s=0.5)
     thread = threading.Thread(target=lambda: outcome.setdefault("result", sweep(
-        suite, overrides, progress=False, log=quiet, cluster=ClusterOptions(executor="submitit-local", poll_s=0.5))))
+        suite, overrides, progress=False, log=quiet, cluster=cluster)))
     thread.start()
     wait_for(lambda: (cell_dir / "checkpoint" / CHECKPOINT_NAME).is_file(), 300, "the first checkpoint")
     first = holder(cell_dir)["pid"]
@@ -199,7 +208,8 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, s
 
 
 @pytest.mark.slow
-def test_gpus_per_run_2_runs_each_cell_as_one_job_of_two_ddp_tasks(tmp_path, shared_cache, jobs_import_tests):
+def test_gpus_per_run_2_runs_each_cell_as_one_job_of_two_ddp_tasks(tmp_path, shared_cache,
+                                                                      jobs_import_tests):
     """``--gpus-per-run 2`` on CPUs: two tasks per job, joined with gloo; rank 0 alone writes the record."""
     from conftest import TINY_BUDGET
 
@@ -237,7 +247,8 @@ def test_status_reads_records_claims_checkpoints_and_job_notes(tmp_path):
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"state")
     jobs_file(runs, "grid").parent.mkdir(parents=True)
-    jobs_file(runs, "grid").write_text(json.dumps({configs[cells[3]].run_id: {"job_id": "77_1", "executor": "slurm"}}))
+    note = {configs[cells[3]].run_id: {"job_id": "77_1", "executor": "slurm"}}
+    jobs_file(runs, "grid").write_text(json.dumps(note))
     path = tmp_path / "grid.yaml"
     path.write_text(json.dumps(suite_data()))
     with RunDirClaim(runs / configs[cells[4]].run_id):  # a writer at work

@@ -133,8 +133,8 @@ def mask_decisions() -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), TQDM_DISABLE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), TQDM_DISABLE="1")
     torch.set_num_threads(1)
     result = train_tiny("rigl", RIGL_PARAMS, STEPS)
     result["decisions"] = mask_decisions()
@@ -161,7 +161,8 @@ def test_two_processes_keep_rigl_masks_identical_and_match_one_process(tmp_path)
     assert ranks[0]["regrown"] == reference["regrown"]
     agreement = sum(int((ranks[0]["masks"][n] == m).sum()) for n, m in reference["masks"].items())
     assert agreement / sum(m.numel() for m in reference["masks"].values()) > 0.999
-    worst = max(float((ranks[0]["state"][k].float() - v.float()).abs().max()) for k, v in reference["state"].items())
+    state = ranks[0]["state"]
+    worst = max(float((state[k].float() - v.float()).abs().max()) for k, v in reference["state"].items())
     assert worst < 1e-3
 
     # rank-dependent inputs: rank 0 decides, every rank applies rank 0's decision
@@ -193,7 +194,8 @@ def test_torchrun_run_writes_one_record_that_matches_one_process(tiny_config, tm
                           env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = load_records(tmp_path / "multi")  # one run folder, one record: rank 1 wrote nothing
-    assert record["status"] == "ok" and record["device"]["processes"] == 2 and record["device"]["backend"] == "gloo"
+    assert record["status"] == "ok"
+    assert record["device"]["processes"] == 2 and record["device"]["backend"] == "gloo"
     assert single["device"]["processes"] == 1
     assert record["training"]["images_seen"] == single["training"]["images_seen"]
     assert record["training"]["final_loss"] == pytest.approx(single["training"]["final_loss"], rel=1e-4)

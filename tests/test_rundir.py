@@ -34,7 +34,8 @@ def held_elsewhere(tmp_path):
     processes = []
 
     def start(folder: Path) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-c", HOLDER, str(folder)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert process.stdout.readline().strip() == "held"
         processes.append(process)
         return process
@@ -50,7 +51,7 @@ def test_a_claim_excludes_other_processes_until_its_holder_dies(tmp_path, held_e
     folder = tmp_path / "runs" / "cell-a"
     holder = held_elsewhere(folder)
     assert is_claimed(folder)
-    with pytest.raises(RunDirBusy, match=rf"being written by process {holder.pid} on .*not starting a second"):
+    with pytest.raises(RunDirBusy, match=rf"written by process {holder.pid} on .*not starting a second"):
         RunDirClaim(folder).acquire()
     holder.send_signal(signal.SIGKILL)  # a killed writer leaves its lock file but not its claim
     holder.wait()
