@@ -85,12 +85,13 @@ def cifar_speedups(targets: list[float], batch: int, repeats: int) -> None:
     print("ratio: channel ratio found by the MAC search ('+': some groups one unit further, see method_info)")
 
 
-def digits_fid(sparsities: list[float], overrides: dict[str, Any]) -> None:
+def digits_fid(methods: list[str], sparsities: list[float], overrides: dict[str, Any]) -> None:
     from diffprune_bench.config import make_config
     from diffprune_bench.harness import run
 
     rows = []
-    cells = [("dense", 0.0)] + [(m, s) for s in sparsities for m in METHODS]
+    cells = [("dense", 0.0)] if "dense" in methods else []
+    cells += [(m, s) for s in sparsities for m in methods if m != "dense"]
     for method, sparsity in cells:
         (record,) = run(make_config({"method": method, "dataset": "digits", "sparsity": sparsity, **overrides}))
         metrics, info = record["metrics"], record.get("method_info") or {}
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--skip-cifar", action="store_true", help="only the digits part")
     parser.add_argument("--digits", action="store_true", help="also run the five methods on digits (slow)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument("--methods", nargs="+", default=["dense", *METHODS], help="digits rows to run")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="digits run options, e.g. finetune_steps=200 num_samples=500 (default: protocol)")
     parser.add_argument("--results-dir", default="results/runs")
@@ -126,7 +128,7 @@ def main() -> None:
 
         overrides = {"results_dir": args.results_dir, "device": "cpu"}
         overrides.update({k.replace("-", "_"): yaml_load(v) for k, v in (item.split("=", 1) for item in args.set)})
-        digits_fid(args.sparsities, overrides)
+        digits_fid(args.methods, args.sparsities, overrides)
 
 if __name__ == "__main__":
     main()

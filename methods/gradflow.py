@@ -204,6 +204,8 @@ class GradFlow(Method):
             scores = self._scores(model, ctx)
             selected = self._select_channels(model, scores) if isinstance(self.masks, ChannelMasks) \
                 else self._select_weights(scores)
+            if ctx.distributed is not None:  # rank 0 decides, so GPU non-determinism cannot split the ranks
+                selected = ctx.distributed.broadcast_object(selected)
         else:
             selected = self.selected
         changed = self._changes(self.selected, selected)

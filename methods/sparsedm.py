@@ -161,9 +161,7 @@ class SparseDM(Method):
         self._set_stage(self.step)
         p: SparseDMParams = self.params
         scheduler = ctx.noise_scheduler
-        noise = torch.randn(x0.shape, generator=ctx.generator, device=x0.device, dtype=x0.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],),
-                                  generator=ctx.generator, device=x0.device)
+        noise, timesteps = ctx.noise_and_timesteps(x0)  # each rank's share of the global batch's draw
         x_t = scheduler.add_noise(x0, noise, timesteps)
         student = predict_noise(model, x_t, timesteps)
         loss = student.new_zeros(())
