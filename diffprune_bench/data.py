@@ -148,7 +148,7 @@ register_dataset(
         loader=load_digits,
         defaults={
             "preset": "tiny",
-            "base_steps": 3000,
+            "base_steps": 2500,
             "finetune_steps": 600,
             "batch_size": 128,
             "lr": 2e-3,
