@@ -162,7 +162,9 @@ def test_two_processes_keep_rigl_masks_identical_and_match_one_process(tmp_path)
     agreement = sum(int((ranks[0]["masks"][n] == m).sum()) for n, m in reference["masks"].items())
     assert agreement / sum(m.numel() for m in reference["masks"].values()) > 0.999
     state = ranks[0]["state"]
-    worst = max(float((state[k].float() - v.float()).abs().max()) for k, v in reference["state"].items())
+    # masks were compared above (a near-tie in |w| may flip a handful of positions); compare the weights
+    worst = max(float((state[k].float() - v.float()).abs().max())
+                for k, v in reference["state"].items() if not k.endswith("weight_mask"))
     assert worst < 1e-3
 
     # rank-dependent inputs: rank 0 decides, every rank applies rank 0's decision
