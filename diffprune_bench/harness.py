@@ -182,6 +182,7 @@ class Evaluator:
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
         self.noise = initial_noise(cfg.num_samples, data.shape, cfg.seed + EVAL_NOISE_OFFSET, device)
         self._dense_samples: torch.Tensor | None = None
+        self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
         self._dense_latency: dict[str, Any] | None = None
 
     def protocol(self) -> dict[str, Any]:
@@ -255,7 +256,6 @@ class Evaluator:
             traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape)
         else:
             traj_dense, traj_effective = report.total * steps, report.effective * steps
-        dense_report = count_macs(self.base.model, self.data.shape)
         total, nonzero = count_params(model)
         latency = self.latency(deployable)
         dense_latency = latency if is_baseline else self.dense_latency()
@@ -269,8 +269,8 @@ class Evaluator:
             "macs_trajectory": traj_dense,
             "macs_trajectory_effective": traj_effective,
             "macs_by_family": report.by_family,
-            "macs_base": dense_report.total,
-            "macs_reduction": 1.0 - traj_effective / (dense_report.total * steps),
+            "macs_base": self.base_macs,
+            "macs_reduction": 1.0 - traj_effective / (self.base_macs * steps),
             "macs_counter": COUNTER,
             "model_hash": weights_hash(model),
             "params_total": total,

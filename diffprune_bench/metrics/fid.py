@@ -35,6 +35,7 @@ from cleanfid.fid import frechet_distance, kernel_distance
 from torch import nn
 
 from ..errors import BenchError
+from ..models import weights_hash
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -123,14 +124,6 @@ def digits_accuracy(net: DigitsNet, images: torch.Tensor, labels: torch.Tensor) 
         return float((net(quantize_uint8(images) / 127.5 - 1).argmax(1) == labels).float().mean())
 
 
-def _state_fingerprint(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class DigitsNetExtractor(FeatureExtractor):
     name = "digits-net"
 
@@ -152,7 +145,7 @@ class DigitsNetExtractor(FeatureExtractor):
             os.replace(tmp, path)
         ref_images, ref_labels = bundle.reference.tensors
         self.reference_accuracy = digits_accuracy(self.net, ref_images, ref_labels)
-        self._fingerprint = _state_fingerprint(self.net)
+        self._fingerprint = weights_hash(self.net)
 
     def fingerprint(self) -> str:
         return self._fingerprint
