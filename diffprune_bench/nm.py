@@ -161,7 +161,24 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
-    """:func:`nm_mask` of several weights in one pass.
+    """:func:`nm_mask` of several weights in one pass."""
+    return flat_nm_masks(weights, n, m)[1]
+
+
+def _flat_buffer(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One contiguous buffer and a view of it shaped like each of ``weights``: whatever is computed for
+    all masks together afterwards (SR-STE's decay factor) is one tensor op, not one per layer."""
+    flat = torch.empty(sum(w.numel() for w in weights), dtype=weights[0].dtype, device=weights[0].device)
+    return flat, _views(flat, weights)
+
+
+def _views(flat: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive pieces of ``flat`` shaped like each of ``weights``."""
+    return [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
+
+
+def flat_nm_masks(weights: Sequence[torch.Tensor], n: int, m: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`nm_masks` as views of one flat buffer, returned with it.
 
     The groups of all layers are gathered (with ``abs``) into one ``(m, groups)`` matrix, ranked
     together and scattered back with the cast to the weight dtype: two passes over the weights plus
@@ -170,20 +187,18 @@ def nm_masks(weights: Sequence[torch.Tensor], n: int, m: int) -> list[torch.Tens
     for weight in weights:
         if weight.dim() < 2 or weight.shape[1] % m:
             raise ValueError(f"weight of shape {tuple(weight.shape)}: input dim is not a multiple of M={m}")
+    flat, masks = _flat_buffer(weights)
     if n >= m:
-        return [torch.ones_like(w) for w in weights]
+        return flat.fill_(1), masks
     views = [_members(w, m) for w in weights]
     sizes = [v[0].numel() for v in views]
     magnitudes = torch.empty((m, sum(sizes)), dtype=weights[0].dtype, device=weights[0].device)
     for view, columns in zip(views, magnitudes.split(sizes, dim=1), strict=True):
         torch.abs(view, out=columns.view(view.shape))
     keep = _keep_top_n(magnitudes, n)
-    masks = []
-    for weight, view, columns in zip(weights, views, keep.split(sizes, dim=1), strict=True):
-        mask = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    for mask, view, columns in zip(masks, views, keep.split(sizes, dim=1), strict=True):
         _members(mask, m).copy_(columns.view(view.shape))
-        masks.append(mask)
-    return masks
+    return flat, masks
 
 
 def nonzeros_per_group(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -194,32 +209,46 @@ def nonzeros_per_group(weight: torch.Tensor, m: int) -> torch.Tensor:
 def global_magnitude_masks(weights: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
     """0/1 masks keeping the ``density`` fraction of largest ``|w|`` over all ``weights`` together
     (one global magnitude threshold; weights tied with the threshold are pruned)."""
-    magnitudes = torch.cat([w.detach().reshape(-1) for w in weights]).abs_()
-    pruned = int(round((1.0 - density) * magnitudes.numel()))
+    return flat_global_magnitude_masks(weights, density)[1]
+
+
+def flat_global_magnitude_masks(weights: Sequence[torch.Tensor],
+                                density: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`global_magnitude_masks` as views of one flat buffer, returned with it."""
+    flat, masks = _flat_buffer(weights)
+    for part, weight in zip(masks, weights, strict=True):
+        torch.abs(weight.detach(), out=part)
+    pruned = int(round((1.0 - density) * flat.numel()))
     if pruned <= 0:
-        return [torch.ones_like(w) for w in weights]
-    keep = (magnitudes > magnitudes.kthvalue(pruned).values).to(magnitudes.dtype)
-    return [part.view_as(w) for part, w in zip(keep.split([w.numel() for w in weights]), weights, strict=True)]
+        return flat.fill_(1), masks
+    threshold = flat.kthvalue(pruned).values
+    torch.gt(flat, threshold, out=flat)  # writes 0/1 in the buffer's dtype
+    return flat, masks
 
 
 # ---------------------------------------------------------------- SR-STE
 class SRSTE(torch.autograd.Function):
     """Forward ``w * mask``; backward ``grad + lambda * (1 - mask) * w`` to the dense weight (SR-STE).
 
-    ``mask`` is a 0/1 tensor of the weight's dtype (bool masks would cost a conversion per use)."""
+    ``mask`` is a 0/1 tensor of the weight's dtype (bool masks would cost a conversion per use).
+    ``decay``, if given, is the precomputed ``lambda * (1 - mask)``: :class:`MaskController` makes it
+    for every layer in one op when the masks change, so the backward is a single ``addcmul``."""
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
-        ctx.save_for_backward(weight, mask)
+    def forward(ctx: Any, weight: torch.Tensor, mask: torch.Tensor, lam: float,
+                decay: torch.Tensor | None = None) -> torch.Tensor:
+        if lam != 0 and decay is None:
+            decay = (1.0 - mask).mul_(lam)
+        ctx.save_for_backward(weight, decay)
         ctx.lam = lam
         return weight * mask
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight, mask = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         if ctx.lam == 0:
-            return grad, None, None
-        return torch.addcmul(grad, weight, 1.0 - mask, value=ctx.lam), None, None
+            return grad, None, None, None
+        weight, decay = ctx.saved_tensors
+        return torch.addcmul(grad, weight, decay), None, None, None
 
 
 class MaskController:
@@ -241,6 +270,7 @@ class MaskController:
         self.lam = lam
         self.weights: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
+        self._decays: list[torch.Tensor | None] = []
         self._versions: list[int] = []
         self._pattern_of_masks: NMPattern | None = None
 
@@ -248,9 +278,13 @@ class MaskController:
         """Recompute every layer's mask from the current dense weights."""
         weights = [w.detach() for w in self.weights]
         if self.mask_type == "unstructured":
-            self._masks = global_magnitude_masks(weights, self.pattern.density)
+            flat, self._masks = flat_global_magnitude_masks(weights, self.pattern.density)
         else:
-            self._masks = nm_masks(weights, self.pattern.n, self.pattern.m)
+            flat, self._masks = flat_nm_masks(weights, self.pattern.n, self.pattern.m)
+        if self.lam == 0:
+            self._decays = [None] * len(self._masks)
+        else:  # SR-STE's lambda * (1 - mask) of every layer, as views of one tensor
+            self._decays = _views(torch.rsub(flat, 1.0).mul_(self.lam), weights)
         self._versions = [w._version for w in self.weights]
         self._pattern_of_masks = self.pattern
 
@@ -262,6 +296,10 @@ class MaskController:
                 or self._versions[index] != weight._version or self._masks[index].shape != weight.shape):
             self.refresh()
         return self._masks[index]
+
+    def decay(self, index: int) -> torch.Tensor | None:
+        """SR-STE's ``lambda * (1 - mask)`` of layer ``index``, made with its mask by :meth:`mask`."""
+        return self._decays[index]
 
 
 class SparseWeight(nn.Module):
@@ -277,7 +315,7 @@ class SparseWeight(nn.Module):
         if mask is None:
             return weight
         if weight.requires_grad and torch.is_grad_enabled():
-            return SRSTE.apply(weight, mask, self.controller.lam)
+            return SRSTE.apply(weight, mask, self.controller.lam, self.controller.decay(self.index))
         return weight * mask
 
 
