@@ -251,6 +251,41 @@ class SRSTE(torch.autograd.Function):
         return torch.addcmul(grad, weight, decay), None, None, None
 
 
+class SRSTEAll(torch.autograd.Function):
+    """:class:`SRSTE` of every masked layer of a model in one autograd node.
+
+    One node per training step instead of one per layer: the forward is a single ``_foreach_mul`` and
+    the backward a single ``_foreach_addcmul`` (``grad + lambda * (1 - mask) * w`` for every layer),
+    which removes the per-layer dispatch and Python cost that dominates a small model's masked step.
+    ``batch`` (a :class:`_MaskedStep`) carries the masks and decays and learns that its graph is spent.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, batch: _MaskedStep, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.batch = batch
+        ctx.save_for_backward(*weights)
+        return tuple(torch._foreach_mul(weights, batch.masks))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        batch: _MaskedStep = ctx.batch
+        batch.spent = True  # a later forward builds a new node
+        if batch.lam == 0:
+            return (None, *grads)
+        return (None, *torch._foreach_addcmul(list(grads), list(ctx.saved_tensors), batch.decays))
+
+
+@dataclass
+class _MaskedStep:
+    """The masked weights of all layers for one set of dense weights, as outputs of one :class:`SRSTEAll`."""
+
+    masks: list[torch.Tensor]
+    decays: list[torch.Tensor]
+    lam: float
+    outputs: tuple[torch.Tensor, ...] = ()
+    spent: bool = False
+
+
 class MaskController:
     """What every masked layer of one model shares: the pattern in force, the mask type, SR-STE lambda.
 
@@ -271,8 +306,13 @@ class MaskController:
         self.weights: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
         self._decays: list[torch.Tensor | None] = []
+        self._step: _MaskedStep | None = None
         self._versions: list[int] = []
         self._pattern_of_masks: NMPattern | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (``deepcopy`` of the model, pickling) leave the current step's graph behind."""
+        return {**self.__dict__, "_step": None}
 
     def refresh(self) -> None:
         """Recompute every layer's mask from the current dense weights."""
@@ -287,6 +327,7 @@ class MaskController:
             self._decays = _views(torch.rsub(flat, 1.0).mul_(self.lam), weights)
         self._versions = [w._version for w in self.weights]
         self._pattern_of_masks = self.pattern
+        self._step = None
 
     def mask(self, index: int, weight: torch.Tensor) -> torch.Tensor | None:
         """Mask of masked layer ``index`` (whose dense weight is ``weight``); None when nothing is pruned."""
@@ -297,9 +338,25 @@ class MaskController:
             self.refresh()
         return self._masks[index]
 
-    def decay(self, index: int) -> torch.Tensor | None:
-        """SR-STE's ``lambda * (1 - mask)`` of layer ``index``, made with its mask by :meth:`mask`."""
-        return self._decays[index]
+    def masked_weight(self, index: int, weight: torch.Tensor) -> torch.Tensor:
+        """``weight * mask`` of layer ``index``; while training, an output of the step's :class:`SRSTEAll`.
+
+        The first layer to ask in a forward builds the node for every layer; it is rebuilt when the
+        masks change or once a backward has gone through it (a second forward needs a fresh graph)."""
+        mask = self.mask(index, weight)
+        if mask is None:
+            return weight
+        if not (weight.requires_grad and torch.is_grad_enabled()):
+            return weight * mask
+        if weight is not self.weights[index]:  # not the registered parameter (a functional call): per layer
+            return SRSTE.apply(weight, mask, self.lam, self._decays[index])
+        step = self._step
+        if step is None or step.spent or step.outputs[index].shape != weight.shape:
+            step = _MaskedStep(self._masks, [d if d is not None else m for d, m in zip(self._decays, self._masks,
+                                                                                       strict=True)], self.lam)
+            step.outputs = SRSTEAll.apply(step, *self.weights)
+            self._step = step
+        return step.outputs[index]
 
 
 class SparseWeight(nn.Module):
@@ -311,12 +368,7 @@ class SparseWeight(nn.Module):
         self.index = index
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mask = self.controller.mask(self.index, weight)
-        if mask is None:
-            return weight
-        if weight.requires_grad and torch.is_grad_enabled():
-            return SRSTE.apply(weight, mask, self.controller.lam, self.controller.decay(self.index))
-        return weight * mask
+        return self.controller.masked_weight(self.index, weight)
 
 
 # ---------------------------------------------------------------- which layers

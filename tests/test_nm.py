@@ -116,6 +116,38 @@ def test_parametrized_linear_backward_is_srste():
     assert (layer.weight == 0).sum() == 12  # module.weight shows the zeros (3 rows x 2 groups x 2)
 
 
+def srste_reference_grads(model: nn.Sequential, x: torch.Tensor, lam: float) -> list[torch.Tensor]:
+    """Per-layer SR-STE by hand: gradients of the loss at the masked weights, plus the decay."""
+    originals = [layer.parametrizations.weight.original.detach() for layer in model]
+    masks = [nm_mask(w, 2, 4) for w in originals]
+    effective = [(w * m).requires_grad_(True) for w, m in zip(originals, masks, strict=True)]
+    out = x
+    for layer, weight in zip(model, effective, strict=True):
+        out = torch.tanh(torch.nn.functional.linear(out, weight, layer.bias))
+    out.pow(2).sum().backward()
+    return [e.grad + lam * (1 - m) * w for e, m, w in zip(effective, masks, originals, strict=True)]
+
+
+def test_all_layers_share_one_srste_node_and_a_spent_node_is_rebuilt():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh())
+    layers = nn.Sequential(model[0], model[2])
+    attach_masks(model, MaskController(NMPattern(2, 4), lam=0.25), keep_dense=[])
+    x = torch.randn(5, 8)
+    nodes = {model[0].weight.grad_fn, model[2].weight.grad_fn}
+    assert len(nodes) == 1 and type(nodes.pop()).__name__ == "SRSTEAllBackward"
+    expected = srste_reference_grads(layers, x, 0.25)
+    model(x).pow(2).sum().backward()
+    # a second forward + backward with unchanged weights needs a new graph: gradients accumulate
+    model(x).pow(2).sum().backward()
+    for layer, grad in zip(layers, expected, strict=True):
+        torch.testing.assert_close(layer.parametrizations.weight.original.grad, 2 * grad)
+    # the model (with its controller) can still be copied after a training forward
+    model(x).sum()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), model(x))
+
+
 def test_mask_follows_the_dense_weight_at_every_forward():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 2, bias=False))
