@@ -17,7 +17,9 @@ effective MACs from its nonzero density) while the optimizer and the EMA update 
 backward is SR-STE (Zhou et al. 2021, "Learning N:M fine-grained structured sparse neural networks
 from scratch"; ``decay = 2e-4`` in SparseDM's ``sparse_ops_mask.py``): the dense weight receives
 ``grad + lambda * (1 - mask) * w``, the straight-through gradient plus a decay that pulls pruned
-weights towards zero without freezing them, so they may grow back when they matter.
+weights towards zero without freezing them, so they may grow back when they matter. All masked layers
+of a model share one autograd node per step (:class:`SRSTEAll`), so the mask costs a fixed handful of
+tensor ops per step rather than a handful per layer.
 
 **Inference.** :func:`apply_fixed_masks` multiplies a plain model's weights by the mask of any N:M
 pattern once, so evaluation pays nothing per forward. :func:`convert_semi_structured` swaps eligible
