@@ -279,12 +279,14 @@ class SRSTEAll(torch.autograd.Function):
 
 @dataclass
 class _MaskedStep:
-    """The masked weights of all layers for one set of dense weights, as outputs of one :class:`SRSTEAll`."""
+    """What one :class:`SRSTEAll` node needs, and whether a backward has gone through it.
+
+    It must not hold the node's outputs: their ``grad_fn`` holds this object, and a reference cycle
+    through autograd's C++ graph is never collected (every step's graph would leak)."""
 
     masks: list[torch.Tensor]
     decays: list[torch.Tensor]
     lam: float
-    outputs: tuple[torch.Tensor, ...] = ()
     spent: bool = False
 
 
@@ -309,12 +311,13 @@ class MaskController:
         self._masks: list[torch.Tensor] = []
         self._decays: list[torch.Tensor | None] = []
         self._step: _MaskedStep | None = None
+        self._masked: tuple[torch.Tensor, ...] = ()  # the outputs of ``_step``'s node
         self._versions: list[int] = []
         self._pattern_of_masks: NMPattern | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (``deepcopy`` of the model, pickling) leave the current step's graph behind."""
-        return {**self.__dict__, "_step": None}
+        return {**self.__dict__, "_step": None, "_masked": ()}
 
     def refresh(self) -> None:
         """Recompute every layer's mask from the current dense weights."""
@@ -329,7 +332,7 @@ class MaskController:
             self._decays = _views(torch.rsub(flat, 1.0).mul_(self.lam), weights)
         self._versions = [w._version for w in self.weights]
         self._pattern_of_masks = self.pattern
-        self._step = None
+        self._step, self._masked = None, ()
 
     def mask(self, index: int, weight: torch.Tensor) -> torch.Tensor | None:
         """Mask of masked layer ``index`` (whose dense weight is ``weight``); None when nothing is pruned."""
@@ -353,12 +356,12 @@ class MaskController:
         if weight is not self.weights[index]:  # not the registered parameter (a functional call): per layer
             return SRSTE.apply(weight, mask, self.lam, self._decays[index])
         step = self._step
-        if step is None or step.spent or step.outputs[index].shape != weight.shape:
+        if step is None or step.spent or self._masked[index].shape != weight.shape:
             step = _MaskedStep(self._masks, [d if d is not None else m for d, m in zip(self._decays, self._masks,
                                                                                        strict=True)], self.lam)
-            step.outputs = SRSTEAll.apply(step, *self.weights)
+            self._masked = SRSTEAll.apply(step, *self.weights)
             self._step = step
-        return step.outputs[index]
+        return self._masked[index]
 
 
 class SparseWeight(nn.Module):

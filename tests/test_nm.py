@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -146,6 +148,29 @@ def test_all_layers_share_one_srste_node_and_a_spent_node_is_rebuilt():
     model(x).sum()
     twin = copy.deepcopy(model)
     torch.testing.assert_close(twin(x), model(x))
+
+
+def test_training_steps_free_their_graphs():
+    """A reference cycle through the autograd graph would keep every step's masked weights, masks and
+    decays alive (three copies of the model per step)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    controller = MaskController(NMPattern(2, 4))
+    attach_masks(model, controller, keep_dense=[])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 8)
+    masked_weights, masks = [], []
+    for _ in range(3):
+        loss = model(x).pow(2).sum()
+        masked_weights.append(weakref.ref(model[0].weight))  # the node output this forward used
+        loss.backward()
+        masks.append(weakref.ref(controller.mask(0, model[0].parametrizations.weight.original)))
+        optimizer.step()  # bumps the weights' versions: the next forward builds new masks and a new node
+        optimizer.zero_grad()
+    del loss
+    model(x)
+    gc.collect()
+    assert [ref() is None for ref in masked_weights + masks] == [True] * 6
 
 
 def test_mask_follows_the_dense_weight_at_every_forward():
