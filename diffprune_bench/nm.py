@@ -179,22 +179,29 @@ def _views(flat: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Te
     return [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
 
 
-def flat_nm_masks(weights: Sequence[torch.Tensor], n: int, m: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def flat_nm_masks(weights: Sequence[torch.Tensor], n: int, m: int,
+                  out: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+                  scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`nm_masks` as views of one flat buffer, returned with it.
 
     The groups of all layers are gathered (with ``abs``) into one ``(m, groups)`` matrix, ranked
     together and scattered back with the cast to the weight dtype: two passes over the weights plus
     the ranking, and a few tensor ops per layer instead of a few dozen, which matters for small models.
+    ``out`` (a flat buffer and its views, as returned before) and ``scratch`` (a flat buffer of the
+    same size) are reused instead of allocated, which spares a training step two fresh model-sized
+    allocations.
     """
     for weight in weights:
         if weight.dim() < 2 or weight.shape[1] % m:
             raise ValueError(f"weight of shape {tuple(weight.shape)}: input dim is not a multiple of M={m}")
-    flat, masks = _flat_buffer(weights)
+    flat, masks = out if out is not None else _flat_buffer(weights)
     if n >= m:
         return flat.fill_(1), masks
     views = [_members(w, m) for w in weights]
     sizes = [v[0].numel() for v in views]
-    magnitudes = torch.empty((m, sum(sizes)), dtype=weights[0].dtype, device=weights[0].device)
+    if scratch is None:
+        scratch = torch.empty(sum(sizes) * m, dtype=weights[0].dtype, device=weights[0].device)
+    magnitudes = scratch.view(m, sum(sizes))
     for view, columns in zip(views, magnitudes.split(sizes, dim=1), strict=True):
         torch.abs(view, out=columns.view(view.shape))
     keep = _keep_top_n(magnitudes, n)
@@ -312,24 +319,38 @@ class MaskController:
         self._decays: list[torch.Tensor | None] = []
         self._step: _MaskedStep | None = None
         self._masked: tuple[torch.Tensor, ...] = ()  # the outputs of ``_step``'s node
+        # flat masks, their per-layer views, flat decays, scratch: reused by ``refresh``
+        self._buffers: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self._versions: list[int] = []
         self._pattern_of_masks: NMPattern | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (``deepcopy`` of the model, pickling) leave the current step's graph behind."""
-        return {**self.__dict__, "_step": None, "_masked": ()}
+        return {**self.__dict__, "_step": None, "_masked": (), "_buffers": None}
 
     def refresh(self) -> None:
-        """Recompute every layer's mask from the current dense weights."""
+        """Recompute every layer's mask from the current dense weights.
+
+        While training, the buffers of the previous masks are overwritten (no fresh model-sized
+        allocations per step) once a backward has gone through the node that used them; a graph that
+        was never backpropagated keeps its masks, and new buffers are made."""
         weights = [w.detach() for w in self.weights]
+        reuse = self._buffers if (self._step is None or self._step.spent) else None
+        if reuse is not None and [tuple(w.shape) for w in weights] != [tuple(m.shape) for m in reuse[1]]:
+            reuse = None
+        if reuse is None:
+            flat, masks = _flat_buffer(weights)
+            reuse = (flat, masks, torch.empty_like(flat), torch.empty_like(flat))
+        flat, masks, decay_flat, scratch = reuse
         if self.mask_type == "unstructured":
             flat, self._masks = flat_global_magnitude_masks(weights, self.pattern.density)
         else:
-            flat, self._masks = flat_nm_masks(weights, self.pattern.n, self.pattern.m)
+            flat, self._masks = flat_nm_masks(weights, self.pattern.n, self.pattern.m, (flat, masks), scratch)
+        self._buffers = (flat, self._masks, decay_flat, scratch)
         if self.lam == 0:
             self._decays = [None] * len(self._masks)
-        else:  # SR-STE's lambda * (1 - mask) of every layer, as views of one tensor
-            self._decays = _views(torch.rsub(flat, 1.0).mul_(self.lam), weights)
+        else:  # SR-STE's lambda * (1 - mask) = lambda - lambda * mask of every layer, as views of one tensor
+            self._decays = _views(torch.mul(flat, -self.lam, out=decay_flat).add_(self.lam), weights)
         self._versions = [w._version for w in self.weights]
         self._pattern_of_masks = self.pattern
         self._step, self._masked = None, ()

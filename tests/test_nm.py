@@ -150,27 +150,41 @@ def test_all_layers_share_one_srste_node_and_a_spent_node_is_rebuilt():
     torch.testing.assert_close(twin(x), model(x))
 
 
-def test_training_steps_free_their_graphs():
-    """A reference cycle through the autograd graph would keep every step's masked weights, masks and
-    decays alive (three copies of the model per step)."""
+def test_training_steps_free_their_graphs_and_reuse_the_mask_buffers():
+    """A reference cycle through the autograd graph would keep every step's masked weights alive; the
+    masks themselves are recomputed into the same buffers once the previous step's backward is done."""
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     controller = MaskController(NMPattern(2, 4))
     attach_masks(model, controller, keep_dense=[])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    original = model[0].parametrizations.weight.original
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x = torch.randn(5, 8)
-    masked_weights, masks = [], []
+    masked_weights, mask_storage, masks = [], set(), []
     for _ in range(3):
         loss = model(x).pow(2).sum()
         masked_weights.append(weakref.ref(model[0].weight))  # the node output this forward used
+        mask = controller.mask(0, original)
+        mask_storage.add(mask.data_ptr())
+        masks.append(mask.clone())
+        assert torch.equal(mask, nm_mask(original, 2, 4))  # recomputed from the current weights
         loss.backward()
-        masks.append(weakref.ref(controller.mask(0, model[0].parametrizations.weight.original)))
         optimizer.step()  # bumps the weights' versions: the next forward builds new masks and a new node
         optimizer.zero_grad()
     del loss
     model(x)
     gc.collect()
-    assert [ref() is None for ref in masked_weights + masks] == [True] * 6
+    assert [ref() is None for ref in masked_weights] == [True] * 3
+    assert len(mask_storage) == 1 and not all(torch.equal(masks[0], m) for m in masks[1:])
+    # a graph that was never backpropagated keeps its own masks: the refresh writes new buffers
+    pending = model(x).sum()  # noqa: F841 - holds the graph
+    kept = controller.mask(0, original)
+    kept_values = kept.clone()
+    with torch.no_grad():
+        original.mul_(-1.0).add_(torch.randn_like(original))
+    model(x)
+    assert controller.mask(0, original).data_ptr() not in mask_storage
+    assert torch.equal(kept, kept_values)
 
 
 def test_mask_follows_the_dense_weight_at_every_forward():
