@@ -36,7 +36,15 @@ def test_digits_net_is_accurate_on_the_reference_split(extractor, digits):
 
 
 def test_digits_net_is_deterministic_and_cached(tmp_path, extractor):
-    again = DigitsNetExtractor(tmp_path)  # trained afresh in another cache
+    """The same net whatever the caller's thread count (a sweep's workers run one, regress runs all)."""
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        again = DigitsNetExtractor(tmp_path)  # trained afresh in another cache
+        assert torch.get_num_threads() == other  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(threads)
     assert again.fingerprint() == extractor.fingerprint()
     assert (tmp_path / "extractors" / "digits-net.pt").is_file()
 

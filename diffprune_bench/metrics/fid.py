@@ -102,7 +102,20 @@ DIGITS_NET_SEED = 1234
 
 
 def train_digits_net(images: torch.Tensor, labels: torch.Tensor, epochs: int = DIGITS_NET_EPOCHS) -> DigitsNet:
-    """Deterministic training (fixed seed, one thread order) on the digits train split."""
+    """Deterministic training (fixed seed, one thread) on the digits train split.
+
+    The weights fingerprint the FID protocol, and a CPU's float reductions depend on how many threads
+    split them: trained with the caller's thread count, a sweep's single-thread workers and a
+    two-thread ``regress`` would make different nets, and FIDs that no baseline can be compared with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_digits_net(images, labels, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_digits_net(images: torch.Tensor, labels: torch.Tensor, epochs: int) -> DigitsNet:
     torch.manual_seed(DIGITS_NET_SEED)
     net = DigitsNet()
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
