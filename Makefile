@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install demo test test-all lint smoke leaderboard regress bench
+.PHONY: install demo test test-slow test-all lint smoke leaderboard regress bench
 
 install: $(STAMP)
 
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 test-all: $(STAMP)
 	$(BIN)/pytest -q -m ""
