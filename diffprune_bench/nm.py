@@ -221,10 +221,12 @@ def global_magnitude_masks(weights: Sequence[torch.Tensor], density: float) -> l
     return flat_global_magnitude_masks(weights, density)[1]
 
 
-def flat_global_magnitude_masks(weights: Sequence[torch.Tensor],
-                                density: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:func:`global_magnitude_masks` as views of one flat buffer, returned with it."""
-    flat, masks = _flat_buffer(weights)
+def flat_global_magnitude_masks(weights: Sequence[torch.Tensor], density: float,
+                                out: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+                                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`global_magnitude_masks` as views of one flat buffer, returned with it (``out``: reused
+    as in :func:`flat_nm_masks`)."""
+    flat, masks = out if out is not None else _flat_buffer(weights)
     for part, weight in zip(masks, weights, strict=True):
         torch.abs(weight.detach(), out=part)
     pruned = int(round((1.0 - density) * flat.numel()))
@@ -292,9 +294,30 @@ class _MaskedStep:
     through autograd's C++ graph is never collected (every step's graph would leak)."""
 
     masks: list[torch.Tensor]
-    decays: list[torch.Tensor]
+    decays: list[torch.Tensor]  # empty when lambda is 0
     lam: float
     spent: bool = False
+
+
+@dataclass
+class _MaskBuffers:
+    """The masks of all layers and SR-STE's ``lambda * (1 - mask)``, each one flat tensor with per-layer
+    views, plus the ranking's scratch (N:M only); :meth:`MaskController.refresh` fills them in place."""
+
+    flat: torch.Tensor
+    masks: list[torch.Tensor]
+    decay_flat: torch.Tensor
+    decays: list[torch.Tensor]
+    scratch: torch.Tensor | None
+
+    @classmethod
+    def like(cls, weights: Sequence[torch.Tensor], with_scratch: bool) -> _MaskBuffers:
+        flat, masks = _flat_buffer(weights)
+        decay_flat, decays = _flat_buffer(weights)
+        return cls(flat, masks, decay_flat, decays, torch.empty_like(flat) if with_scratch else None)
+
+    def fits(self, weights: Sequence[torch.Tensor]) -> bool:
+        return [m.shape for m in self.masks] == [w.shape for w in weights]
 
 
 class MaskController:
@@ -315,18 +338,15 @@ class MaskController:
         self.mask_type = mask_type
         self.lam = lam
         self.weights: list[torch.Tensor] = []
-        self._masks: list[torch.Tensor] = []
-        self._decays: list[torch.Tensor | None] = []
+        self._buffers: _MaskBuffers | None = None  # None until the first refresh
         self._step: _MaskedStep | None = None
         self._masked: tuple[torch.Tensor, ...] = ()  # the outputs of ``_step``'s node
-        # flat masks, their per-layer views, flat decays, scratch: reused by ``refresh``
-        self._buffers: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self._versions: list[int] = []
         self._pattern_of_masks: NMPattern | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (``deepcopy`` of the model, pickling) leave the current step's graph behind."""
-        return {**self.__dict__, "_step": None, "_masked": (), "_buffers": None}
+        return {**self.__dict__, "_step": None, "_masked": ()}
 
     def refresh(self) -> None:
         """Recompute every layer's mask from the current dense weights.
@@ -335,22 +355,16 @@ class MaskController:
         allocations per step) once a backward has gone through the node that used them; a graph that
         was never backpropagated keeps its masks, and new buffers are made."""
         weights = [w.detach() for w in self.weights]
-        reuse = self._buffers if (self._step is None or self._step.spent) else None
-        if reuse is not None and [tuple(w.shape) for w in weights] != [tuple(m.shape) for m in reuse[1]]:
-            reuse = None
-        if reuse is None:
-            flat, masks = _flat_buffer(weights)
-            reuse = (flat, masks, torch.empty_like(flat), torch.empty_like(flat))
-        flat, masks, decay_flat, scratch = reuse
+        buffers = self._buffers
+        if buffers is None or not buffers.fits(weights) or (self._step is not None and not self._step.spent):
+            buffers = _MaskBuffers.like(weights, with_scratch=self.mask_type == "nm")
         if self.mask_type == "unstructured":
-            flat, self._masks = flat_global_magnitude_masks(weights, self.pattern.density)
+            flat_global_magnitude_masks(weights, self.pattern.density, (buffers.flat, buffers.masks))
         else:
-            flat, self._masks = flat_nm_masks(weights, self.pattern.n, self.pattern.m, (flat, masks), scratch)
-        self._buffers = (flat, self._masks, decay_flat, scratch)
-        if self.lam == 0:
-            self._decays = [None] * len(self._masks)
-        else:  # SR-STE's lambda * (1 - mask) = lambda - lambda * mask of every layer, as views of one tensor
-            self._decays = _views(torch.mul(flat, -self.lam, out=decay_flat).add_(self.lam), weights)
+            flat_nm_masks(weights, self.pattern.n, self.pattern.m, (buffers.flat, buffers.masks), buffers.scratch)
+        if self.lam:  # lambda * (1 - mask) = lambda - lambda * mask, one op for every layer
+            torch.mul(buffers.flat, -self.lam, out=buffers.decay_flat).add_(self.lam)
+        self._buffers = buffers
         self._versions = [w._version for w in self.weights]
         self._pattern_of_masks = self.pattern
         self._step, self._masked = None, ()
@@ -359,10 +373,10 @@ class MaskController:
         """Mask of masked layer ``index`` (whose dense weight is ``weight``); None when nothing is pruned."""
         if self.pattern.is_dense:
             return None
-        if (self._pattern_of_masks != self.pattern or index >= len(self._masks)
-                or self._versions[index] != weight._version or self._masks[index].shape != weight.shape):
+        if (self._buffers is None or self._pattern_of_masks != self.pattern
+                or self._versions[index] != weight._version or self._buffers.masks[index].shape != weight.shape):
             self.refresh()
-        return self._masks[index]
+        return self._buffers.masks[index]
 
     def masked_weight(self, index: int, weight: torch.Tensor) -> torch.Tensor:
         """``weight * mask`` of layer ``index``; while training, an output of the step's :class:`SRSTEAll`.
@@ -374,14 +388,13 @@ class MaskController:
             return weight
         if not (weight.requires_grad and torch.is_grad_enabled()):
             return weight * mask
+        buffers = self._buffers
+        decays = buffers.decays if self.lam else []
         if weight is not self.weights[index]:  # not the registered parameter (a functional call): per layer
-            return SRSTE.apply(weight, mask, self.lam, self._decays[index])
-        step = self._step
-        if step is None or step.spent or self._masked[index].shape != weight.shape:
-            step = _MaskedStep(self._masks, [d if d is not None else m for d, m in zip(self._decays, self._masks,
-                                                                                       strict=True)], self.lam)
-            self._masked = SRSTEAll.apply(step, *self.weights)
-            self._step = step
+            return SRSTE.apply(weight, mask, self.lam, decays[index] if decays else None)
+        if self._step is None or self._step.spent:  # refresh() also clears the step when the masks change
+            self._step = _MaskedStep(buffers.masks, decays, self.lam)
+            self._masked = SRSTEAll.apply(self._step, *self.weights)
         return self._masked[index]
 
 
