@@ -39,7 +39,7 @@ import submitit
 from .config import RunConfig
 from .distributed import current as current_distributed
 from .errors import BenchError
-from .results import RECORD_NAME, atomic_write_text, utc_now
+from .results import atomic_write_text, utc_now
 from .rundir import RunDirBusy, RunDirClaim
 from .status import jobs_file, read_jobs
 from .suite import (
@@ -49,9 +49,9 @@ from .suite import (
     RunFn,
     _ensure_failed_record,
     _resume_if_interrupted,
+    _run_claimed_cell,
     default_run,
     finished_fid,
-    run_cell,
 )
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -121,8 +121,6 @@ def cluster_options(executor: str, jobs: int | None = None, slurm_params: list[s
             verb = "need" if len(extra) > 1 else "needs"
             raise BenchError(f"{', '.join(extra)} {verb} --executor slurm or submitit-local")
         return None
-    if executor not in CLUSTER_EXECUTORS:
-        raise BenchError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     params = parse_slurm_params(slurm_params or [])
     return ClusterOptions(executor=executor, parallelism=jobs, slurm_params=params, **given).validate()
 
@@ -180,7 +178,7 @@ class CellJob(submitit.helpers.Checkpointable):
             if not dist.is_main:
                 run_fn(cfg)  # trains in lockstep with rank 0, which alone writes
                 return None
-            return run_cell(run_fn, cfg)
+            return _run_claimed_cell(run_fn, cfg)  # rank 0 holds the claim; the folder is not finished
         finally:
             if claim is not None:
                 claim.release()
@@ -270,9 +268,7 @@ def _run_throttled(executor: submitit.Executor, phase: Work, job_fn: CellJob, li
                 job = executor.submit(job_fn, item[1])
                 _note_jobs([item], [job], "submitit-local", folder)
                 running.append((item, job))
-            for entry in [e for e in running if e[1].done()]:
-                running.remove(entry)
-                finish(entry[0][0], _job_outcome(entry[1], entry[0][1]))
+            _finish_done(running, finish)
             if running:
                 time.sleep(poll)
     except BaseException:  # Ctrl-C: local jobs would outlive the sweep; their checkpoints stay resumable
@@ -284,11 +280,16 @@ def _run_throttled(executor: submitit.Executor, phase: Work, job_fn: CellJob, li
 def _wait(entries: list[tuple[tuple[Cell, RunConfig], submitit.Job]], finish: Finish, poll: float) -> None:
     pending = list(entries)
     while pending:
-        for entry in [e for e in pending if e[1].done()]:
-            pending.remove(entry)
-            finish(entry[0][0], _job_outcome(entry[1], entry[0][1]))
+        _finish_done(pending, finish)
         if pending:
             time.sleep(poll)
+
+
+def _finish_done(entries: list[tuple[tuple[Cell, RunConfig], submitit.Job]], finish: Finish) -> None:
+    """Report every finished job of ``entries`` and drop it from the list."""
+    for entry in [e for e in entries if e[1].done()]:
+        entries.remove(entry)
+        finish(entry[0][0], _job_outcome(entry[1], entry[0][1]))
 
 
 def _job_outcome(job: submitit.Job, cfg: RunConfig) -> CellOutcome:
@@ -297,15 +298,13 @@ def _job_outcome(job: submitit.Job, cfg: RunConfig) -> CellOutcome:
     try:
         outcome = job.results()[0]  # rank 0's: the other tasks of a multi-GPU run return None
     except Exception as error:  # noqa: BLE001 - submitit's FailedJobError / UncompletedJobError and the like
-        from .trainer import CHECKPOINT_NAME  # imported here: job processes need not load diffusers
-
         last_line = (str(error).strip().splitlines() or [""])[-1]
         reason = f"job {job.job_id}: {type(error).__name__}: {last_line}"
         run_dir = Path(cfg.results_dir) / str(cfg.run_id)
         done = finished_fid(run_dir)
         if done is not None:  # it died after writing its record (in teardown, say): the record stands
             return CellOutcome(None, done, 0.0)
-        if (run_dir / "checkpoint" / CHECKPOINT_NAME).is_file() and not (run_dir / RECORD_NAME).is_file():
+        if _resume_if_interrupted(cfg).resume:
             return CellOutcome(f"interrupted ({reason}); the next sweep resumes it from its checkpoint",
                                None, 0.0)
         _ensure_failed_record(cfg, reason)

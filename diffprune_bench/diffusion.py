@@ -30,6 +30,26 @@ def predict_noise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch
     return out.sample if hasattr(out, "sample") else out
 
 
+def draw_training_noise(
+    shape: tuple[int, ...] | torch.Size,
+    num_train_timesteps: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise of ``shape`` and one uniform timestep per row, in this order (whichever is not given).
+
+    The one place that fixes how training draws from the generator: a multi-process run draws the
+    global batch through it and slices, so its shards match one process's draw exactly."""
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
+    return noise, timesteps
+
+
 def diffusion_loss(
     model: nn.Module,
     x0: torch.Tensor,
@@ -39,12 +59,8 @@ def diffusion_loss(
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The DDPM epsilon-MSE at uniformly sampled timesteps (or the given ones)."""
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if timesteps is None:
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device
-        )
+    noise, timesteps = draw_training_noise(x0.shape, scheduler.config.num_train_timesteps, generator, x0.device,
+                                           x0.dtype, noise, timesteps)
     x_t = scheduler.add_noise(x0, noise, timesteps)
     return F.mse_loss(predict_noise(model, x_t, timesteps), noise)
 

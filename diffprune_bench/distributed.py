@@ -64,7 +64,6 @@ class Distributed:
 
     world_size: int = 1
     rank: int = 0
-    local_rank: int = 0
     backend: str | None = None
 
     def __init__(self) -> None:
@@ -129,15 +128,14 @@ class Distributed:
 
         Inside a sharded step the draw covers the global batch and this rank keeps its slice, so the
         generator advances exactly as in one process and the shards' noise is the one process's noise."""
+        from .diffusion import draw_training_noise
+
         rows = x0.shape[0] * (self.world_size if self.sharding else 1)
         part = self.shard_slice(rows) if self.sharding else slice(None)
-        if noise is None:
-            shape = (rows, *x0.shape[1:])
-            noise = torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype)[part]
-        if timesteps is None:
-            drawn = torch.randint(0, num_train_timesteps, (rows,), generator=generator, device=x0.device)
-            timesteps = drawn[part]
-        return noise, timesteps
+        drawn_noise, drawn_steps = draw_training_noise((rows, *x0.shape[1:]), num_train_timesteps, generator,
+                                                       x0.device, x0.dtype, noise, timesteps)
+        return (noise if noise is not None else drawn_noise[part],
+                timesteps if timesteps is not None else drawn_steps[part])
 
     # -- collectives (identity here)
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -156,9 +154,6 @@ class Distributed:
         """Rank ``src``'s value of a picklable object (a run id, a cache decision)."""
         return value
 
-    def barrier(self) -> None:
-        """Wait until every rank arrives here."""
-
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:
         """Rank 0 runs the body first (a download, a cache fill), then the others."""
@@ -172,7 +167,6 @@ class AccelerateDistributed(Distributed):
         super().__init__()
         self.world_size = world_size_from_env()
         self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.accelerator: Any = None
         self.device: torch.device | None = None
 
@@ -194,7 +188,6 @@ class AccelerateDistributed(Distributed):
         )
         state = self.accelerator.state
         self.world_size, self.rank = state.num_processes, state.process_index
-        self.local_rank = state.local_process_index
         self.device = torch.device("cpu") if cpu else self.accelerator.device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -238,10 +231,6 @@ class AccelerateDistributed(Distributed):
         box = [value]
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
-
-    def barrier(self) -> None:
-        self._group()
-        torch.distributed.barrier()
 
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:

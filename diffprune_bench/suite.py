@@ -423,7 +423,7 @@ def sweep(
         bar.update(1)
         bar.set_postfix_str(f"{result.failures} failed")
 
-    work = [(cell, _resume_if_interrupted(cfg)) for cell, cfg in pending]
+    work = pending  # whether a cell resumes is decided under its folder's claim (run_cell, CellJob)
     if cluster is not None:
         from .cluster import submit_sweep
 
@@ -463,7 +463,9 @@ def run_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
         return CellOutcome(str(error), None, 0.0, busy=True)
     try:
         done = finished_fid(run_dir)
-        return CellOutcome(None, done, 0.0) if done is not None else _run_claimed_cell(run_fn, cfg)
+        if done is not None:
+            return CellOutcome(None, done, 0.0)
+        return _run_claimed_cell(run_fn, _resume_if_interrupted(cfg))
     finally:
         claim.release()
 
