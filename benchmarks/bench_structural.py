@@ -60,14 +60,13 @@ def cifar_speedups(targets: list[float], batch: int, repeats: int) -> None:
     models["paper ratio 0.3"] = paper
     facts["paper ratio 0.3"] = {"ratio": "0.300"}
     for target in targets:
-        started = time.perf_counter()
         pruned, info = prune_to_mac_target(dense, SeededRandomImportance(0), target, counter)
         label = f"MACs -{target:g}"
         models[label] = pruned.eval()
-        facts[label] = {"ratio": f"{info['channel_ratio']:.3f}" + ("+" if "channel_ratio_high" in info else ""),
-                        "search_s": time.perf_counter() - started}
+        facts[label] = {"ratio": f"{info['channel_ratio']:.3f}" + ("+" if "channel_ratio_high" in info else "")}
     times = forward_latency(models, batch, repeats)
-    dense_macs = counter(dense)
+    reports = {name: count_macs(model, shape) for name, model in models.items()}
+    dense_macs = reports["dense"].total
     best = {name: min(values) for name, values in times.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"ddpm-cifar10, CPU forward at batch {batch}, {torch.get_num_threads()} thread(s), {repeats} interleaved "
@@ -75,7 +74,7 @@ def cifar_speedups(targets: list[float], batch: int, repeats: int) -> None:
     print(f"{'model':<16}{'ratio':>7}{'params M':>10}{'MACs G':>9}{'MACs red.':>10}{'conv+lin G':>11}"
           f"{'best s':>9}{'median s':>10}{'speedup':>9}{'(median)':>10}{'ideal':>7}{'realised':>9}")
     for name, model in models.items():
-        report = count_macs(model, shape)
+        report = reports[name]
         ideal = dense_macs / report.total
         speedup = best["dense"] / best[name]
         print(f"{name:<16}{facts[name]['ratio']:>7}{count_params(model)[0] / 1e6:10.2f}{report.total / 1e9:9.3f}"
@@ -94,13 +93,13 @@ def digits_fid(methods: list[str], sparsities: list[float], overrides: dict[str,
     cells += [(m, s) for s in sparsities for m in methods if m != "dense"]
     for method, sparsity in cells:
         (record,) = run(make_config({"method": method, "dataset": "digits", "sparsity": sparsity, **overrides}))
-        metrics, info = record["metrics"], record.get("method_info") or {}
-        rows.append((method, sparsity, metrics, info, record["training"]))
+        metrics = record["metrics"]
+        rows.append((method, sparsity, metrics, record["training"]))
         print(f"  done {method} s={sparsity:g}: FID {metrics['fid']:.3f}", flush=True)
     print(f"digits, {overrides or 'protocol defaults'}")
     print(f"{'method':<14}{'sparsity':>9}{'MACs red.':>10}{'params k':>9}{'FID':>8}{'KID':>9}{'SSIM':>7}"
           f"{'speedup':>8}{'steps':>7}")
-    for method, sparsity, metrics, _info, training in rows:
+    for method, sparsity, metrics, training in rows:
         print(f"{method:<14}{sparsity:9.2f}{metrics['macs_reduction']:10.3f}{metrics['params_total'] / 1e3:9.1f}"
               f"{metrics['fid']:8.3f}{metrics['kid']:9.5f}{metrics['ssim_to_dense']:7.3f}{metrics['speedup']:8.2f}"
               f"{training.get('optimizer_steps', 0):7d}")
@@ -124,10 +123,10 @@ def main() -> None:
     if not args.skip_cifar:
         cifar_speedups(args.targets, args.batch, args.repeats)
     if args.digits:
-        from diffprune_bench.config import yaml_load
+        from diffprune_bench.config import parse_param_overrides
 
         overrides = {"results_dir": args.results_dir, "device": "cpu"}
-        overrides.update({k.replace("-", "_"): yaml_load(v) for k, v in (item.split("=", 1) for item in args.set)})
+        overrides.update(parse_param_overrides(args.set))
         digits_fid(args.methods, args.sparsities, overrides)
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import BenchError
-from .structural import ChannelPlan, UNetPruner, _torch_pruning_ratio, layer_widths
+from .structural import ChannelPlan, UNetPruner, layer_widths
 
 SCHEDULES = ("linear", "cosine")
 
@@ -186,7 +186,8 @@ class ChannelMasks:
         modules = dict(model.named_modules())
         device = next(model.parameters()).device
         self.modules = {name: modules[name] for name in names}
-        self.values = {name: torch.ones(layer_widths(model)[name][0], device=device) for name in names}
+        widths = layer_widths(model)
+        self.values = {name: torch.ones(widths[name][0], device=device) for name in names}
         self.kept: dict[str, torch.Tensor] = {}
         self.level = 1.0
         self.enabled = True
@@ -217,15 +218,20 @@ class ChannelMasks:
 
     def set_selection(self, selected: dict[str, list[int]], value: float) -> None:
         """Masks of the ``selected`` output channels to ``value``, every other channel to 1."""
-        self.level = value
         for name, mask in self.values.items():
             mask.fill_(1.0)
             if selected.get(name):
                 mask[torch.as_tensor(selected[name], dtype=torch.long, device=mask.device)] = value
-            self.kept[name] = mask == 1.0 if value < 1.0 else torch.ones_like(mask, dtype=torch.bool)
+        self.set_level(value)
+
+    def set_level(self, level: float) -> None:
+        """The schedule's current mask value; below 1 the channels still at 1 are the ones a GroupNorm keeps."""
+        self.level = level
+        self.kept = {name: mask == 1.0 if level < 1.0 else torch.ones_like(mask, dtype=torch.bool)
+                     for name, mask in self.values.items()}
 
     def distinct_values(self) -> list[float]:
-        return sorted({round(float(v), 6) for mask in self.values.values() for v in mask.unique()})
+        return distinct_mask_values(self.values)
 
     def importance(self) -> GroupScoreImportance:
         """Scores that rank exactly the masked-out channels lowest: each out layer's mask as its score."""
@@ -259,11 +265,9 @@ class FixedWidthPruner(UNetPruner):
     def selection(self) -> dict[str, list[int]]:
         """Output channels that :meth:`prune` would remove, per producing layer (Torch-Pruning's own choice,
         read from its interactive step without pruning anything)."""
-        modules = dict(self.model.named_modules())
-        names = {module: name for name, module in modules.items()}
-        ratios = {modules[layer]: _torch_pruning_ratio(self.removed[g.name], g.unit)
-                  for g in self.groups for layer in g.out_layers}
-        pruner = self._pruner(self.model, self._recorded(names), ratios)
+        names = {module: name for name, module in self.model.named_modules()}
+        ratios = self.layer_ratios(self.model, self.removed)
+        pruner = self._pruner(self.model, self.recorded_scores(names), ratios)
         chosen: dict[str, set[int]] = {}
         was_training = self.model.training
         self.model.eval()
@@ -276,23 +280,6 @@ class FixedWidthPruner(UNetPruner):
         finally:
             self.model.train(was_training)
         return {name: sorted(idxs) for name, idxs in chosen.items()}
-
-    def _recorded(self, names: dict[nn.Module, str]) -> tp.importance.Importance:
-        from .structural import _FrozenScores
-
-        return _FrozenScores(self.scores, names)
-
-
-def removed_per_group(pruner: UNetPruner, pruned: nn.Module) -> dict[str, int]:
-    """Channels removed per norm group / head of every group, read off a pruned model's widths."""
-    widths = layer_widths(pruned)
-    removed: dict[str, int] = {}
-    for group in pruner.groups:
-        lost = group.channels - widths[group.name][0]
-        if lost % group.units:
-            raise BenchError(f"group {group.name!r} lost {lost} channels, not a multiple of its {group.units} units")
-        removed[group.name] = lost // group.units
-    return removed
 
 
 # ---------------------------------------------------------------- the unstructured variant
@@ -335,7 +322,12 @@ class WeightMasks:
             mask[selected[name]] = value
 
     def distinct_values(self) -> list[float]:
-        return sorted({round(float(v), 6) for mask in self.values.values() for v in mask.unique()})
+        return distinct_mask_values(self.values)
+
+
+def distinct_mask_values(values: dict[str, torch.Tensor]) -> list[float]:
+    """Every value the masks take (rounded), ascending: what the schedule has reached so far."""
+    return sorted({round(float(v), 6) for mask in values.values() for v in mask.unique()})
 
 
 def select_weights_for_macs(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,14 @@ DISTRIBUTIONS = ("erk", "uniform")
 #: the UNet's input and output convs stay dense by default, as in RigL (first layer dense) and the
 #: sparse-to-sparse DM setup: they hold few weights and touch every pixel.
 DEFAULT_DENSE_LAYERS: tuple[str, ...] = ("conv_in", "conv_out")
+
+
+def layer_name_list(value: Any, what: str) -> list[str]:
+    """A method parameter naming layers (names or globs): one string or a list of them, else a clear error."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise BenchError(f"{what}={value!r} must be a list of layer names or globs")
+    return list(names)
 
 
 # ---------------------------------------------------------------- layer densities

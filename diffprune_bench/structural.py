@@ -507,7 +507,6 @@ class UNetPruner:
         was_training = model.training
         model.eval()
         pruner.step()  # ratio 0: scores every group once, removes nothing
-        self.convs, self.attention = layer_macs(model, self.inputs)
         model.train(was_training)
         self.scores = recorder.scores
 
@@ -566,34 +565,47 @@ class UNetPruner:
         return sorted(points)
 
     def mac_model(self, dense_total: float) -> MacModel:
+        """What each group costs, for the MAC-target search (one traced forward, only when searching)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            convs, attention = layer_macs(self.model, self.inputs)
+        finally:
+            self.model.train(was_training)
         owners = {}
         for name, module in self.model.named_modules():
             if isinstance(module, Attention):
                 q_name = f"{name}.to_q"
                 owners[name] = next((g.name for g in self.groups if q_name in g.out_layers), "")
-        return MacModel(self.groups, self.convs, self.attention, layer_widths(self.model), dense_total, owners)
+        return MacModel(self.groups, convs, attention, layer_widths(self.model), dense_total, owners)
 
     def prune(self, plan: ChannelPlan, rehome: bool = True) -> nn.Module:
         """A pruned copy of the dense model under ``plan`` (fixed up, temperature-preserving); with
         ``rehome`` a :class:`PrunedUNet2DModel` that saves and reloads, else the bare pruned copy."""
         model = copy.deepcopy(self.model)
-        modules = dict(model.named_modules())
         removed = self.removed_per_unit(plan)
-        ratios: dict[nn.Module, float] = {}
-        for group in self.groups:
-            ratio = _torch_pruning_ratio(removed[group.name], group.unit)
-            for name in group.out_layers:
-                ratios[modules[name]] = ratio
+        ratios = self.layer_ratios(model, removed)
         dims = head_dims(model)
         names = {module: name for name, module in model.named_modules()}
         was_training = model.training
         model.eval()
         if any(removed.values()):
-            self._pruner(model, _FrozenScores(self.scores, names), ratios).step()
+            self._pruner(model, self.recorded_scores(names), ratios).step()
         fix_diffusers_attributes(model)
         preserve_attention_temperature(model, dims)
         model.train(was_training)
         return as_pruned_unet(model) if rehome else model
+
+    def layer_ratios(self, model: nn.Module, removed: dict[str, int]) -> dict[nn.Module, float]:
+        """Torch-Pruning's per-layer ratio for every out layer of ``model`` (the dense one or a copy) that
+        removes ``removed[group]`` units of each group."""
+        modules = dict(model.named_modules())
+        return {modules[layer]: _torch_pruning_ratio(removed[g.name], g.unit)
+                for g in self.groups for layer in g.out_layers}
+
+    def recorded_scores(self, names: dict[nn.Module, str]) -> tp.importance.Importance:
+        """The scores recorded at construction, replayed for the layers of ``names`` (the dense model or a copy)."""
+        return _FrozenScores(self.scores, names)
 
     def channels_removed(self, plan: ChannelPlan) -> float:
         """Fraction of the prunable channels (summed over groups) that ``plan`` removes."""
@@ -616,8 +628,22 @@ def prune_to_mac_target(
     ``count_macs`` (the harness counter); if that misses, the search is re-aimed by the measured error
     (at most ``attempts`` measurements). Returns the pruned model and the facts a record needs.
     """
-    pruner = UNetPruner(model, importance)
-    dense_macs = count_macs(model)
+    _, pruned, info = mac_target_plan(UNetPruner(model, importance), target, count_macs, tolerance, attempts)
+    return pruned, info
+
+
+def mac_target_plan(
+    pruner: UNetPruner,
+    target: float,
+    count_macs: Callable[[nn.Module], float],
+    tolerance: float = DEFAULT_TOLERANCE,
+    attempts: int = 4,
+    dense_macs: float | None = None,
+) -> tuple[ChannelPlan, PrunedUNet2DModel, dict[str, Any]]:
+    """:func:`prune_to_mac_target` with a pruner the caller keeps (and the dense MACs if it has them):
+    the plan found, the pruned model and the facts for the record."""
+    if dense_macs is None:
+        dense_macs = count_macs(pruner.model)
     mac_model = pruner.mac_model(dense_macs)
     names = [g.name for g in pruner.groups]
     ratios = pruner.candidate_ratios()
@@ -651,7 +677,13 @@ def prune_to_mac_target(
         "pruning_groups": len(pruner.groups),
         "pruned_layers": len(pruned.config.channel_plan),
     }
-    return pruned, info
+    return plan, pruned, info
+
+
+def check_tolerance(tolerance: float) -> None:
+    """The MAC-target tolerance a structured method may be given."""
+    if not 0 <= tolerance < 0.5:
+        raise BenchError(f"tolerance {tolerance!r} is outside [0, 0.5)")
 
 
 # ---------------------------------------------------------------- the shared method class
@@ -687,8 +719,7 @@ class StructuredPruningMethod(Method):
         return model
 
     def prepare(self, model: nn.Module, ctx: Any) -> nn.Module:
-        if not 0 <= self.params.tolerance < 0.5:
-            raise BenchError(f"tolerance {self.params.tolerance!r} is outside [0, 0.5)")
+        check_tolerance(self.params.tolerance)
         importance = self.importance(model, ctx)
         pruned, info = prune_to_mac_target(model, importance, ctx.sparsity, ctx.count_macs, self.params.tolerance)
         model.zero_grad(set_to_none=True)  # the gradients of the scoring pass are spent

@@ -54,7 +54,6 @@ from diffprune_bench.gradflow import (
     hessian_gradient_product,
     mask_value,
     pruning_steps,
-    removed_per_group,
     select_weights_for_macs,
 )
 from diffprune_bench.registry import Deployable, Method, register_method
@@ -63,9 +62,10 @@ from diffprune_bench.structural import (
     ChannelPlan,
     StructuredParams,
     UNetPruner,
+    check_tolerance,
     example_inputs,
     layer_macs,
-    prune_to_mac_target,
+    mac_target_plan,
 )
 
 DIRECTIONS = ("raise", "lower")
@@ -116,8 +116,7 @@ class GradFlow(Method):
     # ------------------------------------------------------------ setup
     def _check(self) -> None:
         p = self.params
-        if not 0 <= p.tolerance < 0.5:
-            raise BenchError(f"tolerance {p.tolerance!r} is outside [0, 0.5)")
+        check_tolerance(p.tolerance)
         if not 0 < p.stage_fraction <= 1:
             raise BenchError(f"stage_fraction {p.stage_fraction!r} is outside (0, 1]")
         if p.iterations < 1 or p.score_batches < 1:
@@ -145,10 +144,10 @@ class GradFlow(Method):
     def _prepare_channels(self, model: nn.Module, ctx: Any) -> None:
         # the widths only depend on the MAC target, so any importance finds them: the cheap L1 one
         magnitude = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
-        pruned, plan_info = prune_to_mac_target(model, magnitude, ctx.sparsity, ctx.count_macs, self.params.tolerance)
         pruner = UNetPruner(model, magnitude)
-        self.removed = removed_per_group(pruner, pruned)
-        del pruned
+        plan, _, plan_info = mac_target_plan(pruner, ctx.sparsity, ctx.count_macs, self.params.tolerance,
+                                             dense_macs=self.dense_macs)
+        self.removed = pruner.removed_per_unit(plan)
         model.zero_grad(set_to_none=True)
         self.info = {k: v for k, v in plan_info.items() if k != "macs_reduction_achieved"}
         self.masks = ChannelMasks(model, sorted({layer for g in pruner.groups for layer in g.out_layers}))
@@ -204,8 +203,8 @@ class GradFlow(Method):
             scores = self._scores(model, ctx)
             selected = self._select_channels(model, scores) if isinstance(self.masks, ChannelMasks) \
                 else self._select_weights(scores)
-            if ctx.distributed is not None:  # rank 0 decides, so GPU non-determinism cannot split the ranks
-                selected = ctx.distributed.broadcast_object(selected)
+            # rank 0 decides, so GPU non-determinism cannot split the ranks
+            selected = ctx.distributed.broadcast_object(selected)
         else:
             selected = self.selected
         changed = self._changes(self.selected, selected)
@@ -280,8 +279,6 @@ class GradFlow(Method):
             for name, value in state["masks"].items():
                 self.masks.values[name].copy_(value)
         if isinstance(self.masks, ChannelMasks) and state.get("level") is not None:
-            self.masks.level = state["level"]
-            self.masks.kept = {n: (m == 1.0) if self.masks.level < 1 else torch.ones_like(m, dtype=torch.bool)
-                               for n, m in self.masks.values.items()}
+            self.masks.set_level(state["level"])
         self.selected, self.done, self.history = state["selected"], state["done"], list(state["history"])
         self.score_sum, self.score_count = state.get("score_sum") or {}, state.get("score_count", 0)

@@ -41,6 +41,7 @@ from diffprune_bench.nm import (
     stage_starts,
 )
 from diffprune_bench.registry import Deployable, Method, register_method
+from diffprune_bench.sparsity import layer_name_list
 
 GROUPING = "M consecutive input weights; convs: input channels at a fixed kernel position (NHWC)"
 
@@ -107,14 +108,12 @@ class SparseDM(Method):
         if self.stages is not None and not self.stages:
             raise BenchError("sparsedm stages is empty; give at least the target pattern, e.g. ['2:4']")
         self.inference = [parse_pattern(s) for s in p.inference_patterns] if p.inference_patterns else None
-        keep_dense = [p.keep_dense] if isinstance(p.keep_dense, str) else p.keep_dense
-        if not isinstance(keep_dense, (list, tuple)) or not all(isinstance(k, str) for k in keep_dense):
-            raise BenchError(f"sparsedm keep_dense={p.keep_dense!r} must be a list of layer names or globs")
+        keep_dense = layer_name_list(p.keep_dense, "sparsedm keep_dense")
         self.params = dataclasses.replace(
             p,
             stages=[s.label for s in self.stages] if self.stages is not None else None,
             inference_patterns=[s.label for s in self.inference] if self.inference else None,
-            keep_dense=list(keep_dense),
+            keep_dense=keep_dense,
         )
         self.target = NMPattern(p.m, p.m)  # set by prepare from the run's sparsity
         self.stage_patterns: list[NMPattern] = []

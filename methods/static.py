@@ -18,7 +18,7 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.sparsity import DEFAULT_DENSE_LAYERS, DISTRIBUTIONS, MaskManager
+from diffprune_bench.sparsity import DEFAULT_DENSE_LAYERS, DISTRIBUTIONS, MaskManager, layer_name_list
 
 #: offsets from the run seed, so the mask draw and MagRan's growth never share the training stream
 MASK_SEED_OFFSET = 7_919
@@ -41,10 +41,7 @@ class StaticParams:
             raise BenchError(
                 f"distribution {self.distribution!r} is not allowed; allowed: {', '.join(DISTRIBUTIONS)}"
             )
-        layers = (self.dense_layers,) if isinstance(self.dense_layers, str) else self.dense_layers
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(name, str) for name in layers):
-            raise BenchError(f"dense_layers {self.dense_layers!r} must be a list of module names or patterns")
-        self.dense_layers = tuple(layers)
+        self.dense_layers = tuple(layer_name_list(self.dense_layers, "dense_layers"))
 
 
 @register_method("static")

@@ -61,9 +61,6 @@ class FeatureExtractor:
         """How images become features (recorded in the FID protocol of every record)."""
         return {"name": self.name, "fingerprint": self.fingerprint()}
 
-    def feature_dim(self) -> int:
-        return int(self.features(torch.zeros(1, 3, 8, 8)).shape[1])
-
 
 def extract_features(extractor: FeatureExtractor, images: torch.Tensor | Iterable[torch.Tensor]) -> np.ndarray:
     """Features of one image tensor or of a stream of batches (reference splits are streamed)."""
@@ -246,8 +243,9 @@ class InceptionExtractor(FeatureExtractor):
         return self._fingerprint
 
     def feature_dim(self) -> int:
+        """Width of the feature vector, from one dummy image (recorded in the protocol)."""
         if self._dim is None:
-            self._dim = super().feature_dim()
+            self._dim = int(self.features(torch.zeros(1, 3, 8, 8)).shape[1])
         return self._dim
 
     def describe(self) -> dict[str, Any]:
