@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(BIN)/pytest -q -m ""
 
 lint: $(STAMP)
-	$(BIN)/ruff check diffprune_bench methods tests benchmarks
+	$(BIN)/ruff check diffprune_bench tests benchmarks
 
 smoke: $(STAMP)
 	$(BIN)/diffbench run --method dense --dataset digits --base-steps 100 --num-samples 200 --sample-steps 10 \

@@ -1,7 +1,7 @@
 """Per-step training time of SparseDM's masked UNet vs the dense one on CPU (target: <= 1.3x).
 
 The masked model recomputes its N:M mask from the dense weights at every forward and backpropagates
-with SR-STE (``diffprune_bench/nm.py``); this measures what that costs per optimizer step with the
+with SR-STE (``diffprune_bench/toolkit/nm.py``); this measures what that costs per optimizer step with the
 plain epsilon-MSE, so the only difference to the dense step is the mask. Steps of the variants are
 interleaved so that load drift on a shared machine hits them alike; the median is reported.
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from diffprune_bench.diffusion import diffusion_loss, make_noise_scheduler
 from diffprune_bench.models import build_model
-from diffprune_bench.nm import MaskController, attach_masks, parse_pattern
+from diffprune_bench.toolkit.nm import MaskController, attach_masks, parse_pattern
 
 
 def make_step(model: nn.Module, batch: int, generator: torch.Generator) -> Callable[[], float]:

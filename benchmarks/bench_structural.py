@@ -28,7 +28,7 @@ from torch import nn
 
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model, count_params
-from diffprune_bench.structural import ChannelPlan, SeededRandomImportance, UNetPruner, prune_to_mac_target
+from diffprune_bench.toolkit.structural import ChannelPlan, SeededRandomImportance, UNetPruner, prune_to_mac_target
 
 METHODS = ("random", "magnitude", "taylor", "diff-pruning", "reinit")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -84,8 +84,8 @@ def run(
     param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable)."),
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
-    from .config import load_yaml, make_config, parse_param_overrides
-    from .harness import run as run_harness
+    from diffprune_bench.config import load_yaml, make_config, parse_param_overrides
+    from diffprune_bench.harness import run as run_harness
 
     values: dict[str, Any] = load_yaml(config) if config else {}
     values.update(_cli_values(
@@ -107,7 +107,7 @@ def run(
     except Exception as error:  # noqa: BLE001 - the record holds the traceback
         typer.echo(f"run failed: {type(error).__name__}: {error} (a failed record was written)", err=True)
         raise typer.Exit(code=1) from None
-    from .summary import summary_table
+    from diffprune_bench.report.summary import summary_table
 
     if records:  # on several processes only rank 0 evaluates and returns records
         typer.echo(summary_table(records))
@@ -117,7 +117,7 @@ def run(
 @friendly_errors
 def methods() -> None:
     """List registered methods: name, family, init and what they do."""
-    from .registry import get_method_class, method_names
+    from diffprune_bench.registry import get_method_class, method_names
 
     rows = [(n, get_method_class(n).family, get_method_class(n).init, get_method_class(n).description)
             for n in method_names()]
@@ -131,7 +131,7 @@ def methods() -> None:
 @friendly_errors
 def datasets() -> None:
     """List the datasets the harness can load."""
-    from .data import dataset_names, get_dataset_spec
+    from diffprune_bench.data import dataset_names, get_dataset_spec
 
     for name in dataset_names():
         spec = get_dataset_spec(name)
@@ -153,13 +153,13 @@ def macs(
     With --method, prune a fresh preset (random images feed gradient criteria; widths depend only on
     the MAC target) and print dense vs pruned.
     """
-    from .data import get_dataset_spec  # noqa: F401 - registers datasets
-    from .metrics.macs import COUNTER, count_macs
-    from .models import PRESETS, build_model, count_params
+    from diffprune_bench.data import get_dataset_spec  # noqa: F401 - registers datasets
+    from diffprune_bench.metrics.macs import COUNTER, count_macs
+    from diffprune_bench.models import PRESETS, build_model, count_params
 
     if method:
-        from .config import parse_param_overrides
-        from .structural import prune_preset_report
+        from diffprune_bench.config import parse_param_overrides
+        from diffprune_bench.toolkit.structural import prune_preset_report
 
         typer.echo(prune_preset_report(preset, method, sparsity, parse_param_overrides(param or []), device))
         return
@@ -200,14 +200,14 @@ def sweep(
     wait: bool = typer.Option(None, "--wait/--no-wait", help="Wait for cluster jobs (default: slurm no)."),
 ) -> None:
     """Run every cell of a suite that has no ok record yet; exit code = number of failed cells."""
-    from .cluster import cluster_options
-    from .suite import load_suite
-    from .suite import sweep as run_sweep
+    from diffprune_bench.sweep.cluster import cluster_options
+    from diffprune_bench.sweep.suite import load_suite
+    from diffprune_bench.sweep.suite import sweep as run_sweep
 
     overrides = _cli_values(results_dir=results_dir, cache_dir=cache_dir, device=device)
     loaded = load_suite(suite)
     if status:
-        from .status import format_status, sweep_status
+        from diffprune_bench.sweep.status import format_status, sweep_status
 
         typer.echo(format_status(loaded, sweep_status(loaded, overrides)))
         return
@@ -229,7 +229,7 @@ def leaderboard(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Also draw results/plots/*.png|svg."),
 ) -> None:
     """Render the leaderboard (Markdown + CSV) and plots from every record."""
-    from .leaderboard import write_leaderboard
+    from diffprune_bench.report.leaderboard import write_leaderboard
 
     written = write_leaderboard(results_dir, out, suites=suite or None, with_plots=plots)
     board = written["board"]
@@ -251,9 +251,9 @@ def regress(
     device: str = typer.Option(None, help="auto | cpu | cuda"),
 ) -> None:
     """Run a suite and fail (exit 1) when any row's FID is worse than baseline + its seed-spread tolerance."""
-    from .regress import format_table
-    from .regress import regress as run_regress
-    from .suite import load_suite
+    from diffprune_bench.sweep.regress import format_table
+    from diffprune_bench.sweep.regress import regress as run_regress
+    from diffprune_bench.sweep.suite import load_suite
 
     outcome = run_regress(load_suite(suite), baseline, update=update_baseline, results_dir=results_dir,
                           baseline_seeds=baseline_seeds,

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 
 class _Loader(yaml.SafeLoader):
@@ -98,9 +98,9 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise :class:`BenchError` naming the first bad value and what is allowed."""
-        from .data import dataset_names
-        from .models import preset_names
-        from .registry import get_method_class
+        from diffprune_bench.data import dataset_names
+        from diffprune_bench.models import preset_names
+        from diffprune_bench.registry import get_method_class
 
         get_method_class(self.method)
         if self.dataset not in dataset_names():
@@ -134,7 +134,7 @@ class RunConfig:
         if self.precision not in PRECISIONS:
             raise BenchError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.fid_extractor is not None:
-            from .metrics.fid import extractor_names
+            from diffprune_bench.metrics.fid import extractor_names
 
             if self.fid_extractor not in extractor_names():
                 raise BenchError(

@@ -11,8 +11,8 @@ from diffusers import DDPMScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .diffusion import diffusion_loss
-from .distributed import Distributed, current
+from diffprune_bench.diffusion import diffusion_loss
+from diffprune_bench.distributed import Distributed, current
 
 
 def infinite_batches(
@@ -23,7 +23,7 @@ def infinite_batches(
     With worker processes, the loader's seeded generator fixes every worker's seed, so random flips are
     reproducible too; workers persist across epochs and batches go through pinned memory on CUDA.
     """
-    from .data import default_num_workers
+    from diffprune_bench.data import default_num_workers
 
     workers = default_num_workers(dataset) if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)

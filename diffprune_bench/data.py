@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 
 @dataclass

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 #: how long a rank waits for the others at a collective before giving up (rank 0 alone builds the
 #: evaluator and may train the digits feature extractor while the other ranks wait at the first step)
@@ -128,7 +128,7 @@ class Distributed:
 
         Inside a sharded step the draw covers the global batch and this rank keeps its slice, so the
         generator advances exactly as in one process and the shards' noise is the one process's noise."""
-        from .diffusion import draw_training_noise
+        from diffprune_bench.diffusion import draw_training_noise
 
         rows = x0.shape[0] * (self.world_size if self.sharding else 1)
         part = self.shard_slice(rows) if self.sharding else slice(None)

@@ -25,15 +25,15 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import RunConfig
-from .context import MethodContext, infinite_batches
-from .data import DataBundle, get_dataset_spec, image_batches, load_dataset
-from .diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
-from .distributed import current as current_distributed
-from .errors import BenchError
-from .metrics.consistency import mean_ssim
-from .metrics.fid import (
+from diffprune_bench import __version__
+from diffprune_bench.config import RunConfig
+from diffprune_bench.context import MethodContext, infinite_batches
+from diffprune_bench.data import DataBundle, get_dataset_spec, image_batches, load_dataset
+from diffprune_bench.diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
+from diffprune_bench.distributed import current as current_distributed
+from diffprune_bench.errors import BenchError
+from diffprune_bench.metrics.consistency import mean_ssim
+from diffprune_bench.metrics.fid import (
     FeatureExtractor,
     build_extractor,
     extract_features,
@@ -42,13 +42,13 @@ from .metrics.fid import (
     reference_stats,
     resolve_inception_weights,
 )
-from .metrics.latency import measure_latency
-from .metrics.macs import COUNTER, count_macs, trajectory_macs
-from .models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
-from .registry import Deployable, Method, create_method
-from .results import git_commit, new_run_id, utc_now, write_config, write_record
-from .rundir import claim_run_dir
-from .trainer import Trainer, autocast
+from diffprune_bench.metrics.latency import measure_latency
+from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
+from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
+from diffprune_bench.registry import Deployable, Method, create_method
+from diffprune_bench.results import git_commit, new_run_id, utc_now, write_config, write_record
+from diffprune_bench.rundir import claim_run_dir
+from diffprune_bench.trainer import Trainer, autocast
 
 CONSISTENCY_SAMPLES = 64
 EVAL_NOISE_OFFSET = 10_000  # evaluation noise seed = run seed + offset: never the training stream
@@ -138,7 +138,7 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
         model = UNet2DModel.from_pretrained(folder / "model").to(device).eval()
         info = json.loads((folder / "base.json").read_text())
         return BaseModel(model, {**info, "cached": True})
-    from .registry import get_method_class
+    from diffprune_bench.registry import get_method_class
 
     seed_everything(cfg.seed)
     model = build_model(cfg.preset, seed=cfg.seed).to(device)

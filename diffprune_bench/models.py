@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -152,7 +152,7 @@ def _scheduler_config(source: str, local: bool, cached: bool, files: set[str]) -
 
 def check_schedule(config: dict, source: str) -> None:
     """Refuse a checkpoint trained with another noise schedule: its weights would be scored wrongly."""
-    from .diffusion import make_noise_scheduler
+    from diffprune_bench.diffusion import make_noise_scheduler
 
     ours = make_noise_scheduler().config
     for key in SCHEDULE_KEYS:

@@ -1,7 +1,7 @@
 """Method and dataset registries.
 
 Methods are found by name, like timm models: ``@register_method("rigl")`` on a class in
-``methods/<name>.py`` (installed as ``diffprune_bench.methods``) or in a third-party package that
+``diffprune_bench/methods/<name>.py`` or in a third-party package that
 declares an entry point in the group ``diffprune_bench.methods``. Discovery imports those modules so
 their decorators run; nothing else has to be edited to add a method.
 """
@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 if TYPE_CHECKING:
-    from .context import MethodContext
+    from diffprune_bench.context import MethodContext
 
 ENTRY_POINT_GROUP = "diffprune_bench.methods"
+BUNDLED_METHODS = "diffprune_bench.methods"
 FAMILIES = ("dense", "structured", "unstructured", "n:m", "step-aware")
 INITS = ("pretrained", "scratch")
 
@@ -122,11 +123,11 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def discover_methods(force: bool = False) -> None:
-    """Import the bundled ``methods/`` modules and every entry-point plug-in, once."""
+    """Import the bundled ``diffprune_bench/methods/`` modules and every entry-point plug-in, once."""
     global _DISCOVERED
     if _DISCOVERED and not force:
         return
-    from . import methods as bundled
+    bundled = importlib.import_module(BUNDLED_METHODS)  # by name: the core never imports a method
 
     for module in pkgutil.iter_modules(bundled.__path__):
         importlib.import_module(f"{bundled.__name__}.{module.name}")

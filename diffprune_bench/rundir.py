@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 try:  # POSIX; elsewhere only the in-process claim applies
     import fcntl

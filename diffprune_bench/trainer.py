@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .context import MethodContext
-from .errors import BenchError
-from .registry import Method
+from diffprune_bench.context import MethodContext
+from diffprune_bench.errors import BenchError
+from diffprune_bench.registry import Method
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -17,12 +17,12 @@ from fake_records import make_record
 from typer.testing import CliRunner
 
 from diffprune_bench.cli import app
-from diffprune_bench.cluster import ClusterOptions, cluster_options
 from diffprune_bench.errors import BenchError
 from diffprune_bench.results import RECORD_NAME, load_records, write_record
 from diffprune_bench.rundir import LOCK_NAME, RunDirClaim, holder
-from diffprune_bench.status import jobs_file, sweep_status
-from diffprune_bench.suite import Cell, parse_suite, sweep
+from diffprune_bench.sweep.cluster import ClusterOptions, cluster_options
+from diffprune_bench.sweep.status import jobs_file, sweep_status
+from diffprune_bench.sweep.suite import Cell, parse_suite, sweep
 from diffprune_bench.trainer import CHECKPOINT_NAME
 
 TESTS = Path(__file__).resolve().parent
@@ -178,7 +178,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(
     """The real harness in a submitit job; SIGUSR2 (what SLURM sends before preempting) mid-training."""
     from conftest import TINY_BUDGET
 
-    from diffprune_bench.leaderboard import write_leaderboard
+    from diffprune_bench.report.leaderboard import write_leaderboard
 
     options = {**TINY_BUDGET, "finetune_steps": 150, "cache_dir": str(shared_cache)}
     suite = parse_suite(suite_data(methods=["magnitude"], sparsities=[0.5], seeds=[0], options=options))

@@ -13,7 +13,7 @@ from diffprune_bench.errors import BenchError
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import create_method
-from diffprune_bench.slimmable import WIDTHS, WidthView, get_width, make_slimmable
+from diffprune_bench.toolkit.slimmable import WIDTHS, WidthView, get_width, make_slimmable
 
 SHAPE = (1, 8, 8)
 # toy problem: 8 steps, choice k costs 8/4/2/1 "MACs" (widths 1, .75, .5, .25); fitness is the distance

@@ -121,7 +121,7 @@ def rank_inputs(rank: int) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
 
 def mask_decisions() -> dict[str, torch.Tensor]:
     """MaskManager updates from rank-dependent inputs: what each rank ends up applying."""
-    from diffprune_bench.sparsity import MaskManager
+    from diffprune_bench.toolkit.masks import MaskManager
 
     layer, scores, proposal = rank_inputs(current().rank)
     manager = MaskManager(nn.Sequential(layer), dense_layers=())

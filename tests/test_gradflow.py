@@ -13,7 +13,11 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.diffusion import make_noise_scheduler
 from diffprune_bench.errors import BenchError
-from diffprune_bench.gradflow import (
+from diffprune_bench.harness import run
+from diffprune_bench.metrics.macs import count_macs
+from diffprune_bench.models import build_model, count_params
+from diffprune_bench.registry import create_method, get_method_class
+from diffprune_bench.toolkit.second_order import (
     GroupScoreImportance,
     grasp_scores,
     hessian_gradient_product,
@@ -22,11 +26,7 @@ from diffprune_bench.gradflow import (
     pruning_steps,
     select_weights_for_macs,
 )
-from diffprune_bench.harness import run
-from diffprune_bench.metrics.macs import count_macs
-from diffprune_bench.models import build_model, count_params
-from diffprune_bench.registry import create_method, get_method_class
-from diffprune_bench.structural import PrunedUNet2DModel, random_batches
+from diffprune_bench.toolkit.structural import PrunedUNet2DModel, random_batches
 
 SHAPE = (1, 8, 8)
 

@@ -9,8 +9,8 @@ import pytest
 from fake_records import make_record, save
 from typer.testing import CliRunner
 
-from diffprune_bench import leaderboard as lb
 from diffprune_bench.cli import app
+from diffprune_bench.report import leaderboard as lb
 from diffprune_bench.results import load_records
 
 FIDS = {  # (method, sparsity) -> FID of seed 0 and seed 1
@@ -134,7 +134,7 @@ def test_variants_of_one_training_run_get_their_own_rows_and_a_dashed_line(recor
     """SparseDM-like: each training run (its cell's sparsity) is evaluated at several inference N:M."""
     import matplotlib.pyplot as plt
 
-    from diffprune_bench.plots import fid_curve
+    from diffprune_bench.report.plots import fid_curve
 
     for trained, variants in {
         0.5: {"3:4": 0.25, "2:4": 0.5, "1:4": 0.75},
@@ -201,7 +201,7 @@ def test_write_leaderboard_files_and_plots(records_dir, tmp_path):
 def test_plots_draw_one_line_per_method_and_dense_as_a_horizontal_line(records_dir):
     import matplotlib.pyplot as plt
 
-    from diffprune_bench.plots import fid_curve
+    from diffprune_bench.report.plots import fid_curve
 
     board = lb.build(load_records(records_dir))
     fig = fid_curve(board.groups[0], "sparsity", "sparsity")

@@ -1,4 +1,4 @@
-"""N:M masks and SR-STE (diffprune_bench/nm.py)."""
+"""N:M masks and SR-STE (diffprune_bench/toolkit/nm.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.nm import (
+from diffprune_bench.toolkit.nm import (
     SRSTE,
     MaskController,
     NMPattern,

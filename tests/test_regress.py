@@ -9,12 +9,12 @@ import pytest
 from fake_records import make_record
 from typer.testing import CliRunner
 
-from diffprune_bench import suite as suite_mod
 from diffprune_bench.cli import app
 from diffprune_bench.errors import BenchError
-from diffprune_bench.regress import Tolerance, regress
 from diffprune_bench.results import write_record
-from diffprune_bench.suite import parse_suite
+from diffprune_bench.sweep import suite as suite_mod
+from diffprune_bench.sweep.regress import Tolerance, regress
+from diffprune_bench.sweep.suite import parse_suite
 
 SUITE = {
     "name": "mini-ci",

@@ -17,7 +17,7 @@ from fake_records import make_record
 
 from diffprune_bench.results import RECORD_NAME, load_records, write_record
 from diffprune_bench.rundir import LOCK_NAME, RunDirBusy, RunDirClaim, is_claimed
-from diffprune_bench.suite import parse_suite, run_cell, sweep
+from diffprune_bench.sweep.suite import parse_suite, run_cell, sweep
 
 HOLDER = """
 import sys, time

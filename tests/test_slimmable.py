@@ -12,7 +12,7 @@ from torch import nn
 from diffprune_bench.errors import BenchError
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model
-from diffprune_bench.slimmable import (
+from diffprune_bench.toolkit.slimmable import (
     WIDTHS,
     WidthView,
     get_width,

@@ -15,7 +15,7 @@ from diffprune_bench.errors import BenchError
 from diffprune_bench.harness import make_context, resolve_config, run
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import create_method
-from diffprune_bench.sparsity import MASK_BUFFER, drop_fraction_at
+from diffprune_bench.toolkit.masks import MASK_BUFFER, drop_fraction_at
 from diffprune_bench.trainer import CHECKPOINT_NAME, Trainer
 
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from diffprune_bench.methods.sparsedm import default_inference_patterns
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -15,10 +14,11 @@ from diffprune_bench.data import load_dataset
 from diffprune_bench.diffusion import diffusion_loss
 from diffprune_bench.errors import BenchError
 from diffprune_bench.harness import make_context, resolve_config, run
+from diffprune_bench.methods.sparsedm import default_inference_patterns
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model
-from diffprune_bench.nm import nonzeros_per_group
 from diffprune_bench.registry import create_method
+from diffprune_bench.toolkit.nm import nonzeros_per_group
 from diffprune_bench.trainer import CHECKPOINT_NAME, Trainer
 
 SHAPE = (1, 8, 8)

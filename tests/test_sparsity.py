@@ -10,7 +10,7 @@ from torch import nn
 
 from diffprune_bench.errors import BenchError
 from diffprune_bench.models import build_model
-from diffprune_bench.sparsity import (
+from diffprune_bench.toolkit.masks import (
     MASK_BUFFER,
     MaskManager,
     allocate_counts,

@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 from diffprune_bench.errors import BenchError
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model, count_params
-from diffprune_bench.structural import (
+from diffprune_bench.toolkit.structural import (
     ChannelPlan,
     PrunedUNet2DModel,
     UNetPruner,

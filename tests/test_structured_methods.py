@@ -7,15 +7,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch_pruning as tp
-from diffprune_bench.methods.diff_pruning import accumulate_informative_gradients, informative_timesteps
 from torch import nn
 
 from diffprune_bench.diffusion import make_noise_scheduler
 from diffprune_bench.errors import BenchError
 from diffprune_bench.harness import run
+from diffprune_bench.methods.diff_pruning import accumulate_informative_gradients, informative_timesteps
 from diffprune_bench.models import build_model, count_params
 from diffprune_bench.registry import create_method, get_method_class
-from diffprune_bench.structural import PrunedUNet2DModel, SeededRandomImportance, taylor_importance
+from diffprune_bench.toolkit.structural import PrunedUNet2DModel, SeededRandomImportance, taylor_importance
 
 STRUCTURED = ("random", "magnitude", "taylor", "diff-pruning", "reinit")
 

@@ -11,11 +11,11 @@ from fake_records import make_record
 from typer.testing import CliRunner
 
 from diffprune_bench import registry
-from diffprune_bench import suite as suite_mod
 from diffprune_bench.cli import app
 from diffprune_bench.errors import BenchError
 from diffprune_bench.results import load_records, write_record
-from diffprune_bench.suite import Cell, load_suite, parse_suite, sweep
+from diffprune_bench.sweep import suite as suite_mod
+from diffprune_bench.sweep.suite import Cell, load_suite, parse_suite, sweep
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffprune_bench.summary import summary_table
+from diffprune_bench.report.summary import summary_table
 
 
 def record(run_id: str, sparsity: float, fid: float) -> dict:

@@ -34,8 +34,8 @@ import torch
 from cleanfid.fid import frechet_distance, kernel_distance
 from torch import nn
 
-from ..errors import BenchError
-from ..models import weights_hash
+from diffprune_bench.errors import BenchError
+from diffprune_bench.models import weights_hash
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -138,7 +138,7 @@ class DigitsNetExtractor(FeatureExtractor):
     name = "digits-net"
 
     def __init__(self, cache_dir: str | Path) -> None:
-        from ..data import load_digits
+        from diffprune_bench.data import load_digits
 
         path = Path(cache_dir) / "extractors" / "digits-net.pt"
         bundle = load_digits()

@@ -18,7 +18,7 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.sparsity import DEFAULT_DENSE_LAYERS, DISTRIBUTIONS, MaskManager, layer_name_list
+from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS, DISTRIBUTIONS, MaskManager, layer_name_list
 
 #: offsets from the run seed, so the mask draw and MagRan's growth never share the training stream
 MASK_SEED_OFFSET = 7_919

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, config_fields, make_config, yaml_load
-from .errors import BenchError
-from .registry import build_params, get_method_class
-from .results import RECORD_NAME, load_records, utc_now, write_record
-from .rundir import RunDirBusy, RunDirClaim
+from diffprune_bench.config import RunConfig, config_fields, make_config, yaml_load
+from diffprune_bench.errors import BenchError
+from diffprune_bench.registry import build_params, get_method_class
+from diffprune_bench.results import RECORD_NAME, load_records, utc_now, write_record
+from diffprune_bench.rundir import RunDirBusy, RunDirClaim
 
 SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params")
 REQUIRED_KEYS = ("name", "datasets", "methods", "sparsities", "seeds")
@@ -168,7 +168,7 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
         raise fail(f"description {description!r} must be a string")
 
     datasets = _name_list(data["datasets"], "datasets", fail)
-    from .data import dataset_names
+    from diffprune_bench.data import dataset_names
 
     for dataset in datasets:
         if dataset not in dataset_names():
@@ -207,7 +207,7 @@ def _name_list(value: Any, key: str, fail: Callable[[str], BenchError]) -> list[
 
 def _resolve_methods(value: Any, fail: Callable[[str], BenchError]) -> list[str]:
     """``all`` -> every registered method (so methods added later join the suite without an edit)."""
-    from .registry import method_names
+    from diffprune_bench.registry import method_names
 
     registered = method_names()
     if value == "all":
@@ -347,7 +347,7 @@ class SweepResult:
 
 
 def default_run(cfg: RunConfig) -> list[dict[str, Any]]:
-    from .harness import run
+    from diffprune_bench.harness import run
 
     return run(cfg)
 
@@ -369,7 +369,7 @@ def sweep(
     (small CPU models train faster as parallel single-thread runs than as one multi-thread run); the
     dense cells run first, since they train the cached base the other cells of their seed start from.
     The returned :class:`SweepResult` says what ran, what was skipped and what failed (and why).
-    ``cluster`` (a :class:`diffprune_bench.cluster.ClusterOptions`) submits the cells through submitit
+    ``cluster`` (a :class:`diffprune_bench.sweep.cluster.ClusterOptions`) submits the cells through submitit
     instead (SLURM array jobs, or submitit's local executor); ``jobs`` is then ignored.
     """
     from tqdm.auto import tqdm
@@ -425,7 +425,7 @@ def sweep(
 
     work = pending  # whether a cell resumes is decided under its folder's claim (run_cell, CellJob)
     if cluster is not None:
-        from .cluster import submit_sweep
+        from diffprune_bench.sweep.cluster import submit_sweep
 
         result.submitted = submit_sweep(work, cluster, finish, write, run_fn=run_fn)
     elif jobs == 1 or len(work) <= 1:
@@ -546,7 +546,7 @@ def _resume_if_interrupted(cfg: RunConfig) -> RunConfig:
     """A run folder with a training checkpoint but no record was killed part-way: continue it.
 
     A folder holding a failed record starts over instead (resuming would repeat the failure)."""
-    from .trainer import CHECKPOINT_NAME
+    from diffprune_bench.trainer import CHECKPOINT_NAME
 
     run_dir = Path(cfg.results_dir) / str(cfg.run_id)
     killed = (run_dir / "checkpoint" / CHECKPOINT_NAME).is_file() and not (run_dir / RECORD_NAME).is_file()

@@ -22,10 +22,9 @@ from torch import nn
 
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
+from diffprune_bench.methods.static import Static, StaticParams
 from diffprune_bench.registry import register_method
-from diffprune_bench.sparsity import drop_fraction_at
-
-from .static import Static, StaticParams
+from diffprune_bench.toolkit.masks import drop_fraction_at
 
 DECAYS = ("cosine", "constant")
 

@@ -1,7 +1,7 @@
 """DDSM: Denoising Diffusion Step-aware Models (Yang et al., ICLR 2024; code EnVision-Research/DDSM).
 
 Not every sampling step needs the whole network. DDSM trains one slimmable UNet that runs at widths
-{1.0, 0.75, 0.5, 0.25} (:mod:`diffprune_bench.slimmable`) and then searches, with a genetic algorithm,
+{1.0, 0.75, 0.5, 0.25} (:mod:`diffprune_bench.toolkit.slimmable`) and then searches, with a genetic algorithm,
 which width to run at each sampling step. On CIFAR-10 the searched schedule runs the noisy steps at 0.5
 and the last low-noise steps at 1.0: 49 % fewer MACs at FID 3.55 vs 3.71 (paper Table 2).
 
@@ -15,7 +15,7 @@ and the last low-noise steps at 1.0: 49 % fewer MACs at FID 3.55 vs 3.71 (paper 
   ``fid_samples`` samples. ``--sparsity s`` is a hard budget: a schedule whose trajectory MACs exceed
   ``(1 - s)`` x the dense model's at the same steps is infeasible (and never sampled). The paper's
   scalarised objective ``F = fid_weight x FID + macs_weight x MMACs/step`` is ``objective: weighted``.
-* Export: the supernet plus one :class:`~diffprune_bench.slimmable.WidthView` per sampling step; the
+* Export: the supernet plus one :class:`~diffprune_bench.toolkit.slimmable.WidthView` per sampling step; the
   record's ``method_info`` holds the schedule, the search history and cost, the MACs of each width,
   and the FID of the best uniform-width schedule within the same budget (does step-awareness pay?).
 """
@@ -44,7 +44,7 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.slimmable import WIDTHS, WidthView, make_slimmable, use_width
+from diffprune_bench.toolkit.slimmable import WIDTHS, WidthView, make_slimmable, use_width
 
 #: Sandwich rule: the widest and the narrowest width every step, plus one of these at random.
 MIDDLE_WIDTHS: tuple[float, ...] = (0.75, 0.5)

@@ -10,7 +10,7 @@ The paper's method section was not available to us, so the following is our read
 parameter (defaults are ours unless said otherwise):
 
 * Units are the coupled channel groups of the structural methods (Torch-Pruning dependency graph, see
-  ``structural.py``); ``granularity="weight"`` is the unstructured variant (one soft mask per weight of
+  ``toolkit/structural/``); ``granularity="weight"`` is the unstructured variant (one soft mask per weight of
   every Conv2d/Linear but ``conv_in``/``conv_out``, chosen globally so the effective MACs hit the target).
 * Widths: how many channels each group loses is found ONCE, by the same MAC-target search as the
   structured methods (``prune_to_mac_target``), so gradflow and diff-pruning land at the same MACs and
@@ -44,7 +44,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.gradflow import (
+from diffprune_bench.registry import Deployable, Method, register_method
+from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS
+from diffprune_bench.toolkit.second_order import (
     SCHEDULES,
     ChannelMasks,
     FixedWidthPruner,
@@ -56,9 +58,7 @@ from diffprune_bench.gradflow import (
     pruning_steps,
     select_weights_for_macs,
 )
-from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.sparsity import DEFAULT_DENSE_LAYERS
-from diffprune_bench.structural import (
+from diffprune_bench.toolkit.structural import (
     ChannelPlan,
     StructuredParams,
     UNetPruner,

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from diffprune_bench.context import MethodContext
+from diffprune_bench.methods.rigl import RigL, RigLParams
+from diffprune_bench.methods.static import Static
 from diffprune_bench.registry import register_method
-
-from .rigl import RigL, RigLParams
-from .static import Static
 
 GROW_SEED_OFFSET = 104_729
 

@@ -36,13 +36,13 @@ from typing import Any
 
 import submitit
 
-from .config import RunConfig
-from .distributed import current as current_distributed
-from .errors import BenchError
-from .results import atomic_write_text, utc_now
-from .rundir import RunDirBusy, RunDirClaim
-from .status import jobs_file, read_jobs
-from .suite import (
+from diffprune_bench.config import RunConfig
+from diffprune_bench.distributed import current as current_distributed
+from diffprune_bench.errors import BenchError
+from diffprune_bench.results import atomic_write_text, utc_now
+from diffprune_bench.rundir import RunDirBusy, RunDirClaim
+from diffprune_bench.sweep.status import jobs_file, read_jobs
+from diffprune_bench.sweep.suite import (
     BASELINE_METHOD,
     Cell,
     CellOutcome,
@@ -150,7 +150,7 @@ class CellJob(submitit.helpers.Checkpointable):
             environment_vars.export(set_cuda_visible_devices=False, overwrite=True)
             if os.environ.get("SUBMITIT_EXECUTOR") == "local":  # one machine: keep the traffic on loopback
                 os.environ["MASTER_ADDR"] = "127.0.0.1"
-            from .harness import select_device
+            from diffprune_bench.harness import select_device
 
             current_distributed().setup(select_device(cfg.device))
         dist = current_distributed()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from .results import atomic_write_text, load_records
+from diffprune_bench.results import atomic_write_text, load_records
 
 BASELINE_FAMILY = "dense"
 #: The columns that define a table: rows that differ in any of them are never compared.
@@ -391,7 +391,7 @@ def write_leaderboard(
     board = build(load_records(results_dir), suites)
     plot_paths: dict[str, list[str]] = {}
     if with_plots:
-        from .plots import write_plots
+        from diffprune_bench.report.plots import write_plots
 
         for slug, paths in write_plots(board, out / "plots").items():
             plot_paths[slug] = [str(Path(p).relative_to(out)) for p in paths]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffprune_bench.registry import register_method
-from diffprune_bench.structural import SeededRandomImportance, StructuredPruningMethod
+from diffprune_bench.toolkit.structural import SeededRandomImportance, StructuredPruningMethod
 
 
 @register_method("random")

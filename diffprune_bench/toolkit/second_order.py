@@ -1,4 +1,4 @@
-"""Pieces of gradient-flow pruning (``methods/gradflow.py``): Hessian-gradient product, GraSP scores,
+"""Pieces of gradient-flow pruning (``diffprune_bench/methods/gradflow.py``): Hessian-gradient product, GraSP scores,
 the soft-mask schedule, channel masks that emulate removal, and per-weight masks.
 
 Everything here is a pure helper with one job, so each can be tested alone:
@@ -15,7 +15,7 @@ Everything here is a pure helper with one job, so each can be tested alone:
 * :class:`ChannelMasks` -- one [0, 1] mask per output channel of every layer a group produces, applied by
   forward hooks. GroupNorm statistics are taken over the channels weighted by their mask, so with binary
   masks the masked model computes exactly what the physically pruned one does (test_gradflow checks it).
-* :class:`FixedWidthPruner` -- :class:`~diffprune_bench.structural.UNetPruner` at fixed per-group widths:
+* :class:`FixedWidthPruner` -- :class:`~diffprune_bench.toolkit.structural.UNetPruner` at fixed per-group widths:
   which channels Torch-Pruning would remove (``selection``), and the physical removal (``prune``).
 * :class:`WeightMasks` -- the unstructured variant: a soft mask per weight (a parametrization), and
   :func:`select_weights_for_macs`, which picks the weights to prune so the effective MACs hit a target.
@@ -32,8 +32,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import BenchError
-from .structural import ChannelPlan, UNetPruner, layer_widths
+from diffprune_bench.errors import BenchError
+from diffprune_bench.toolkit.structural import ChannelPlan, UNetPruner, layer_widths
 
 SCHEDULES = ("linear", "cosine")
 

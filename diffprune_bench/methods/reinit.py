@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.registry import register_method
-from diffprune_bench.structural import SeededRandomImportance, StructuredPruningMethod
+from diffprune_bench.toolkit.structural import SeededRandomImportance, StructuredPruningMethod
 
 
 def reset_parameters(model: nn.Module) -> int:

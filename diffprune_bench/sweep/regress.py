@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import BenchError
-from .results import atomic_write_text, git_commit, load_records, utc_now
-from .suite import RunFn, Suite, SweepResult, cell_records, sweep
+from diffprune_bench.errors import BenchError
+from diffprune_bench.results import atomic_write_text, git_commit, load_records, utc_now
+from diffprune_bench.sweep.suite import RunFn, Suite, SweepResult, cell_records, sweep
 
 BASELINE_SCHEMA = 1
 DEFAULT_BASELINE_SEEDS = 3

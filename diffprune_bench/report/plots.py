@@ -19,10 +19,10 @@ import matplotlib.image as mpimg  # noqa: E402 - the backend must be chosen firs
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .leaderboard import row_label  # noqa: E402
+from diffprune_bench.report.leaderboard import row_label  # noqa: E402
 
 if TYPE_CHECKING:
-    from .leaderboard import Group, Leaderboard
+    from diffprune_bench.report.leaderboard import Group, Leaderboard
 
 FORMATS = ("png", "svg")
 GRID_SPARSITY = 0.5

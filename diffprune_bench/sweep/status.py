@@ -3,7 +3,7 @@
 The records decide (``ok`` / ``failed``), as they do for the sweep itself; a folder without one is
 ``running`` while a process holds its claim (``rundir.py``), ``interrupted`` when it keeps a training
 checkpoint that the next sweep or the requeued job resumes, ``queued`` when a cluster job was submitted
-for it (job ids noted by ``cluster.py``), and ``pending`` otherwise. Whatever executor wrote a record,
+for it (job ids noted by ``sweep/cluster.py``), and ``pending`` otherwise. Whatever executor wrote a record,
 local or SLURM, it reads the same.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .results import load_records
-from .rundir import holder, is_claimed
-from .suite import Cell, Suite, cell_records, is_primary
+from diffprune_bench.results import load_records
+from diffprune_bench.rundir import holder, is_claimed
+from diffprune_bench.sweep.suite import Cell, Suite, cell_records, is_primary
 
 STATES = ("ok", "failed", "running", "interrupted", "queued", "pending")
 JOBS_DIR = ".jobs"
@@ -47,7 +47,7 @@ def read_jobs(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def sweep_status(suite: Suite, overrides: dict[str, Any] | None = None) -> list[CellStatus]:
     """The state of every cell of ``suite`` (``overrides``: the sweep's bookkeeping options)."""
-    from .trainer import CHECKPOINT_NAME
+    from diffprune_bench.trainer import CHECKPOINT_NAME
 
     configs = [(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()]
     results_dir = Path(configs[0][1].results_dir)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import current as current_distributed
-from .errors import BenchError
+from diffprune_bench.distributed import current as current_distributed
+from diffprune_bench.errors import BenchError
 
 MASK_BUFFER = "weight_mask"
 DISTRIBUTIONS = ("erk", "uniform")

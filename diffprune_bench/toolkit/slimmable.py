@@ -42,7 +42,7 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 #: The widths of the DDSM supernet (paper section 4.1; reference flags ``min_width`` / ``candidate_width``).
 WIDTHS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)

@@ -13,7 +13,7 @@ from typing import Any
 import torch_pruning as tp
 
 from diffprune_bench.registry import register_method
-from diffprune_bench.structural import StructuredPruningMethod
+from diffprune_bench.toolkit.structural import StructuredPruningMethod
 
 
 @register_method("magnitude")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import BenchError
+from diffprune_bench.errors import BenchError
 
 #: SR-STE decay on pruned weights; SparseDM's ``Sparse``/``Sparse_NHWC`` autograd functions use 2e-4.
 SRSTE_LAMBDA = 2e-4

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import register_method
-from diffprune_bench.structural import StructuredParams, StructuredPruningMethod, taylor_importance
+from diffprune_bench.toolkit.structural import StructuredParams, StructuredPruningMethod, taylor_importance
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """SparseDM (Wang et al. 2024, "SparseDM: Toward Sparse Efficient Diffusion Models"; wangkafeng/SparseDM).
 
 Every Conv2d and Linear of the pre-trained UNet except the input and output convs gets an N:M mask
-(groups of M input weights, NHWC order for convs; see ``diffprune_bench/nm.py``), recomputed from the
+(groups of M input weights, NHWC order for convs; see ``diffprune_bench/toolkit/nm.py``), recomputed from the
 dense weights at every forward and trained with SR-STE. Sparsity grows in stages during fine-tuning
 (4:4 -> 3:4 -> 2:4 for a 2:4 target), and the loss adds distillation from the frozen dense model to the
 epsilon-MSE. Because the dense weights are kept, one fine-tuned model serves several inference
@@ -23,7 +23,9 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.diffusion import predict_noise
 from diffprune_bench.errors import BenchError
-from diffprune_bench.nm import (
+from diffprune_bench.registry import Deployable, Method, register_method
+from diffprune_bench.toolkit.masks import layer_name_list
+from diffprune_bench.toolkit.nm import (
     DEFAULT_KEEP_DENSE,
     MASK_TYPES,
     SRSTE_LAMBDA,
@@ -40,8 +42,6 @@ from diffprune_bench.nm import (
     stage_at,
     stage_starts,
 )
-from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.sparsity import layer_name_list
 
 GROUPING = "M consecutive input weights; convs: input channels at a fixed kernel position (NHWC)"
 

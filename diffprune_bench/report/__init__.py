@@ -1,0 +1,1 @@
+"""Turning run records into results: the leaderboard tables, plots and run summaries."""

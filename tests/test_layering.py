@@ -1,0 +1,82 @@
+"""The package's layers, checked from the import graph (static imports, including function-local ones).
+
+run core (top-level modules, ``metrics/``)  <-  toolkit/  <-  methods/
+                                            <-  sweep/, report/, cli
+The run core measures every method the same way, so it must not depend on any method or on the helpers
+methods share; methods are found by name through the registry at run time, never imported by the core.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "diffprune_bench"
+LAYERS = ("toolkit", "methods", "sweep", "report")
+#: what each layer may not import (the core is everything not in LAYERS, except the CLI on top)
+FORBIDDEN = {
+    "core": {"toolkit", "methods", "sweep", "report", "cli"},
+    "toolkit": {"methods", "sweep", "report", "cli"},
+    "methods": {"sweep", "report", "cli"},
+    "sweep": {"methods", "toolkit", "cli"},
+    "report": {"methods", "toolkit", "sweep", "cli"},
+}
+
+
+def layer_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE).parts
+    if relative[0] in LAYERS:
+        return relative[0]
+    return "cli" if relative == ("cli.py",) else "core"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise AssertionError(f"{path}: relative import; the package uses absolute imports")
+            found.add(node.module or "")
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.startswith("diffprune_bench")}
+
+
+def target_layer(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in (*LAYERS, "cli") else None
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_module_imports_respect_the_layers(path: Path) -> None:
+    layer = layer_of(path)
+    if layer == "cli":
+        return
+    bad = sorted(m for m in imported_modules(path) if target_layer(m) in FORBIDDEN[layer])
+    assert not bad, f"{path.relative_to(PACKAGE)} ({layer}) imports {bad}"
+
+
+def test_the_rule_catches_a_core_module_importing_a_method(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text("from diffprune_bench.methods.rigl import RigL\nimport diffprune_bench.toolkit.masks\n")
+    assert {target_layer(m) for m in imported_modules(module)} >= {"methods", "toolkit"}
+
+
+def test_every_layer_exists_and_methods_hold_only_methods() -> None:
+    for layer in LAYERS:
+        assert (PACKAGE / layer / "__init__.py").is_file()
+    from diffprune_bench import registry
+
+    registry.discover_methods()
+    registered_modules = {cls.__module__ for cls in registry._METHODS.values()}
+    files = {f"diffprune_bench.methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py") if p.stem != "__init__"}
+    assert files <= registered_modules, f"modules in methods/ that register no method: {files - registered_modules}"
