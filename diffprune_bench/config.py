@@ -69,9 +69,11 @@ class RunConfig:
     download: bool = False
     resolution: int | None = None  # image size of celeba / imagefolder (None: the dataset's default)
     num_workers: int | None = None  # data loader processes (None: automatic, see data.default_num_workers)
-    # training budgets: the base (and scratch methods) get base_steps, pretrained methods finetune_steps
+    # training budgets: the base gets base_steps, pretrained methods finetune_steps, scratch methods
+    # scratch_steps (None: base_steps; their control is a dense model trained from scratch as long)
     base_steps: int | None = None
     finetune_steps: int | None = None
+    scratch_steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     ema_decay: float | None = None
@@ -85,7 +87,7 @@ class RunConfig:
     num_samples: int | None = None
     fid_extractor: str | None = None
     inception_weights: str | None = None
-    latency_repeats: int = 3
+    latency_repeats: int = 10
     latency_batch: int = 16
     # bookkeeping
     results_dir: str = "results/runs"
@@ -111,7 +113,7 @@ class RunConfig:
             raise BenchError(f"unknown device {self.device!r}; allowed: {', '.join(DEVICES)}")
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise BenchError(f"sparsity {self.sparsity!r} is outside [0, 1)")
-        for name in ("base_steps", "finetune_steps", "sample_steps"):
+        for name in ("base_steps", "finetune_steps", "scratch_steps", "sample_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise BenchError(f"{name.replace('_', '-')} {value!r} must be a non-negative integer")

@@ -42,7 +42,7 @@ from diffprune_bench.metrics.fid import (
     reference_stats,
     resolve_inception_weights,
 )
-from diffprune_bench.metrics.latency import measure_latency
+from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
 from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
 from diffprune_bench.registry import Deployable, Method, create_method
@@ -51,6 +51,7 @@ from diffprune_bench.rundir import claim_run_dir
 from diffprune_bench.trainer import Trainer, autocast
 
 CONSISTENCY_SAMPLES = 64
+FEATURES_NAME = "features.npy"  # per-sample extractor features of the evaluation samples (noise order)
 EVAL_NOISE_OFFSET = 10_000  # evaluation noise seed = run seed + offset: never the training stream
 SEARCH_NOISE_OFFSET = 20_000  # a method's own FID search (DDSM) never sees the evaluation noise
 
@@ -68,6 +69,11 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise BenchError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
     return torch.device(name)
+
+
+def scratch_budget(cfg: RunConfig) -> int:
+    """Training steps of a method that starts from scratch: ``scratch_steps``, or the base's budget."""
+    return cfg.scratch_steps if cfg.scratch_steps is not None else cfg.base_steps
 
 
 def seed_everything(seed: int) -> None:
@@ -167,7 +173,8 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
 class Evaluator:
     """Measures a Deployable under the run's protocol; built once per run, reused for every variant."""
 
-    def __init__(self, cfg: RunConfig, data: DataBundle, device: torch.device, base: BaseModel) -> None:
+    def __init__(self, cfg: RunConfig, data: DataBundle, device: torch.device, base: BaseModel,
+                 lock: MachineLock | None = None) -> None:
         self.cfg, self.data, self.device, self.base = cfg, data, device, base
         self.extractor: FeatureExtractor = build_extractor(
             cfg.fid_extractor, cfg.cache_dir, weights=cfg.inception_weights, device=device
@@ -183,7 +190,7 @@ class Evaluator:
         self.noise = initial_noise(cfg.num_samples, data.shape, cfg.seed + EVAL_NOISE_OFFSET, device)
         self._dense_samples: torch.Tensor | None = None
         self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
-        self._dense_latency: dict[str, Any] | None = None
+        self.lock = lock
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -198,6 +205,22 @@ class Evaluator:
                         "precision": self.cfg.precision},
             "fid_floor": self.floor,
         }
+
+    def save_reference_features(self, results_dir: Path) -> str:
+        """The reference statistics FID used (mean, covariance) and the reference features KID used, once per
+        results folder: the leaderboard's paired statistics recompute FID/KID from them. Named by extractor
+        fingerprint and content."""
+        mu, sigma = np.asarray(self.reference.mu), np.asarray(self.reference.sigma)
+        features = np.asarray(self.reference.features, dtype=np.float32)
+        digest = hashlib.sha256(features.tobytes() + mu.tobytes() + sigma.tobytes()).hexdigest()[:12]
+        path = results_dir / "reference" / f"{self.extractor.fingerprint()[:8]}-{digest}.npz"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as handle:
+                np.savez(handle, mu=mu, sigma=sigma, features=features)
+            os.replace(tmp, path)
+        return str(path)
 
     def sample(self, deployable: Deployable, noise: torch.Tensor, show: bool = False) -> torch.Tensor:
         progress = (lambda it: tqdm(it, desc="sampling", leave=False)) if show else None
@@ -234,15 +257,15 @@ class Evaluator:
             self._dense_samples = self.sample(Deployable(self.base.model), self.noise[:CONSISTENCY_SAMPLES])
         return self._dense_samples
 
-    def latency(self, deployable: Deployable) -> dict[str, Any]:
+    def latency(self, deployable: Deployable, is_baseline: bool) -> dict[str, Any]:
+        """Serial A/B timing against the dense base (see :mod:`diffprune_bench.metrics.latency`)."""
         batch = self.noise[: self.cfg.latency_batch]
-        result = measure_latency(lambda: self.sample(deployable, batch), self.device, self.cfg.latency_repeats)
+        dense = None if is_baseline else (lambda: self.sample(Deployable(self.base.model), batch))
+        result = measure_ab(dense, lambda: self.sample(deployable, batch), self.device,
+                            repeats=self.cfg.latency_repeats, threads=torch.get_num_threads(), lock=self.lock)
+        if is_baseline:
+            result.update(speedup=1.0, speedup_ci=[1.0, 1.0], dense_median_s=result["median_s"])
         return {**result, "batch": int(batch.shape[0]), "steps": self.cfg.sample_steps}
-
-    def dense_latency(self) -> dict[str, Any]:
-        if self._dense_latency is None:
-            self._dense_latency = self.latency(Deployable(self.base.model))
-        return self._dense_latency
 
     def evaluate(self, deployable: Deployable, is_baseline: bool, run_dir: Path) -> dict[str, Any]:
         model = deployable.model
@@ -257,8 +280,8 @@ class Evaluator:
         else:
             traj_dense, traj_effective = report.total * steps, report.effective * steps
         total, nonzero = count_params(model)
-        latency = self.latency(deployable)
-        dense_latency = latency if is_baseline else self.dense_latency()
+        latency = self.latency(deployable, is_baseline)
+        np.save(run_dir / FEATURES_NAME, np.asarray(features, dtype=np.float32))  # for paired statistics
         own = samples[:CONSISTENCY_SAMPLES]
         ssim = 1.0 if is_baseline else mean_ssim(own, self.dense_samples())
         return {
@@ -277,8 +300,8 @@ class Evaluator:
             "params_nonzero": nonzero,
             "ssim_to_dense": ssim,
             "latency": latency,
-            "latency_dense": dense_latency,
-            "speedup": dense_latency["median_s"] / latency["median_s"],
+            "speedup": latency["speedup"],
+            "speedup_ci": latency["speedup_ci"],
         }
 
 
@@ -329,8 +352,10 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         "config": cfg.to_dict(),
         "paths": {"run_dir": str(run_dir)},
     }
+    lock = MachineLock(cfg.cache_dir)  # shared while computing; latency waits for exclusive use
     try:
-        return _run(cfg, method, device, run_dir, record)
+        with lock.computing():
+            return _run(cfg, method, device, run_dir, record, lock)
     except Exception as error:  # noqa: BLE001 - every failure must leave a record
         record.update(status="failed", finished_at=utc_now(), error=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc(limit=8))
@@ -338,10 +363,12 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
             write_record(run_dir, record)
         raise
     finally:
+        lock.close()
         claim.release()
 
 
-def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, record: dict[str, Any]) -> list[dict]:
+def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, record: dict[str, Any],
+         lock: MachineLock | None = None) -> list[dict]:
     seed_everything(cfg.seed)
     dist = current_distributed()
     with dist.main_process_first():  # one download; the other ranks then read what it wrote
@@ -352,7 +379,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
     base = get_base_model(cfg, data, device)
     record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train", "pretrained")}
-    evaluator = Evaluator(cfg, data, device, base) if dist.is_main else None  # rank 0 alone evaluates
+    evaluator = Evaluator(cfg, data, device, base, lock) if dist.is_main else None  # rank 0 alone evaluates
     record["protocol"] = evaluator.protocol() if evaluator else None
 
     seed_everything(cfg.seed)
@@ -361,7 +388,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     elif method.init == "pretrained":
         model, steps = copy.deepcopy(base.model).train(), cfg.finetune_steps
     else:
-        steps = cfg.finetune_steps if method.budget == "finetune" else cfg.base_steps
+        steps = cfg.finetune_steps if method.budget == "finetune" else scratch_budget(cfg)
         model = build_model(cfg.preset, seed=cfg.seed).to(device)
     teacher = None
     if method.init == "pretrained" and not method.is_baseline:
@@ -402,6 +429,8 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
             metrics=metrics,
             eval_wall_s=round(time.perf_counter() - started, 3),
             paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
+                   "features": str(target_dir / FEATURES_NAME),
+                   "reference_features": evaluator.save_reference_features(Path(cfg.results_dir)),
                    "model": _save_model(deployable.model, target_dir / "model")},
         )
         if index > 0:

@@ -107,3 +107,29 @@ def save(records_dir: Path, record: dict[str, Any], samples: bool = True) -> Pat
         rng = np.random.default_rng(abs(hash(record["run_id"])) % 2**32)
         mpimg.imsave(run_dir / "samples.png", rng.random((32, 32)), cmap="gray")
     return path
+
+
+FEATURE_DIM = 8
+
+
+def reference_features(count: int = 400) -> np.ndarray:
+    return np.random.default_rng(12345).normal(size=(count, FEATURE_DIM))
+
+
+def save_with_features(records_dir: Path, record: dict[str, Any], shift: float, noise: float = 1.0,
+                       count: int = 300) -> Path:
+    """Save ``record`` with per-sample features as the harness writes them: sample i of seed s starts from the
+    same draw for every method (paired noise), moved by ``shift`` (a worse model: larger shift, larger FID)."""
+    path = save(records_dir, record)
+    run_dir = path.parent
+    shared = np.random.default_rng(record["seed"]).normal(size=(count, FEATURE_DIM))
+    own = np.random.default_rng(abs(hash((record["method"], record["seed"]))) % 2**32).normal(size=(count, FEATURE_DIM))
+    np.save(run_dir / "features.npy", (shared + 0.05 * noise * own + shift).astype(np.float32))
+    reference = Path(records_dir) / "reference" / "fake.npz"
+    if not reference.is_file():
+        reference.parent.mkdir(parents=True, exist_ok=True)
+        ref = reference_features()
+        np.savez(reference, mu=ref.mean(0), sigma=np.cov(ref, rowvar=False), features=ref.astype(np.float32))
+    record = {**record, "paths": {"run_dir": str(run_dir), "samples": str(run_dir / "samples.png"),
+                                  "features": str(run_dir / "features.npy"), "reference_features": str(reference)}}
+    return write_record(run_dir, record)

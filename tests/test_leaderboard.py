@@ -6,7 +6,7 @@ import statistics
 
 import pandas as pd
 import pytest
-from fake_records import make_record, save
+from fake_records import make_record, save, save_with_features
 from typer.testing import CliRunner
 
 from diffprune_bench.cli import app
@@ -52,17 +52,52 @@ def test_rows_are_mean_and_std_over_seeds_with_dense_on_top(records_dir):
     assert table.loc[table["method"] == "dense", "train_wall_s"].item() == pytest.approx(10.5)
 
 
-def test_best_fid_at_each_sparsity_is_marked(records_dir):
+def test_without_paired_evidence_nothing_is_bold(records_dir):
     board = lb.build(load_records(records_dir))
     table = board.groups[0].table
-    best = table[table["best_at_sparsity"]]
-    assert sorted(zip(best["sparsity"], best["method"], strict=True)) == [
-        (0.25, "magnitude"),
-        (0.5, "taylor"),
-    ]
-    text = lb.render_markdown(board)
-    assert "**2.700 ± 0.283**" in text and "**2.100 ± 0.141**" in text
-    assert "**3.200" not in text and "**1.100" not in text  # neither the loser nor dense
+    assert not table["best_at_sparsity"].any()  # no per-sample features: no test, no winner
+    assert set(table.loc[table["method"] != "dense", "rank"]) == {"tied"}
+    assert "**" not in lb.display_table(board.groups[0]).to_string()
+
+
+def _paired_suite(tmp_path, shifts, noise=None, saved=None):
+    runs = tmp_path / "paired"
+    for seed in (0, 1, 2):
+        for (method, sparsity), shift in shifts.items():
+            record = make_record(method, sparsity, seed, 8 * shift**2,  # about the FID of these features
+                                 family="dense" if method.startswith("dense") else None)
+            record["init"] = "scratch" if method == "dense" else "pretrained"
+            if saved and (method, sparsity) in saved:
+                record["metrics"]["macs_reduction"] = saved[(method, sparsity)]
+            save_with_features(runs, record, shift, noise=(noise or {}).get((method, sparsity), 1.0))
+    return lb.build(load_records(runs)).groups[0].table
+
+
+def test_a_significant_best_is_bold_and_close_rows_are_tied(tmp_path):
+    shifts = {("dense", 0.0): 0.0, ("dense-ft", 0.0): 0.02, ("magnitude", 0.5): 0.3, ("taylor", 0.5): 0.6,
+              ("magnitude", 0.25): 0.2, ("taylor", 0.25): 0.2}
+    table = _paired_suite(tmp_path, shifts, noise={("taylor", 0.25): 6.0, ("magnitude", 0.25): 6.0})
+    row = table.set_index(["method", "sparsity"])
+    assert row.loc[("magnitude", 0.5), "rank"] == "best" and row.loc[("magnitude", 0.5), "best_at_sparsity"]
+    assert row.loc[("taylor", 0.5), "rank"] == ""
+    assert row.loc[("magnitude", 0.25), "rank"] == row.loc[("taylor", 0.25), "rank"] == "tied"
+    # controls: trained pretrained-init rows against dense-ft, dense-ft against dense, dense against nothing
+    assert row.loc[("magnitude", 0.5), "control"] == "dense-ft" and row.loc[("dense-ft", 0.0), "control"] == "dense"
+    assert row.loc[("dense", 0.0), "control"] == ""
+    worse = row.loc[("taylor", 0.5)]
+    assert worse["dfid_low"] > 0 and worse["dfid_low"] < worse["dfid"] < worse["dfid_high"]
+    assert row.loc[("magnitude", 0.5), "dfid"] < worse["dfid"]
+
+
+def test_an_off_target_row_is_flagged_and_never_ranked(tmp_path):
+    shifts = {("dense", 0.0): 0.0, ("dense-ft", 0.0): 0.0, ("magnitude", 0.5): 0.1, ("taylor", 0.5): 0.6,
+              ("random", 0.5): 0.7}
+    table = _paired_suite(tmp_path, shifts, saved={("magnitude", 0.5): 0.45})
+    row = table.set_index(["method", "sparsity"])
+    assert not row.loc[("magnitude", 0.5), "on_target"] and row.loc[("magnitude", 0.5), "rank"] == ""
+    assert row.loc[("taylor", 0.5), "rank"] == "best"
+    shown = lb.display_table(lb.Group(key={}, table=table, runs=table, slug=""))
+    assert shown.loc[shown["method"] == "magnitude", "saved"].item() == "⚠ 45.0%"
 
 
 def test_different_protocols_never_share_a_table(records_dir):
@@ -181,7 +216,7 @@ def test_write_leaderboard_files_and_plots(records_dir, tmp_path):
     assert markdown.startswith("# Leaderboard") and "| dense " in markdown
     csv = pd.read_csv(out / "leaderboard.csv")
     assert len(csv) == 5 and csv.loc[0, "method"] == "dense"
-    assert csv.loc[csv["best_at_sparsity"], "method"].tolist() == ["magnitude", "taylor"]
+    assert not csv["best_at_sparsity"].any()  # two seeds without per-sample features: no significant best
     (slug,) = written["plots"]
     names = {p.split("/")[-1] for p in written["plots"][slug]}
     expected = {

@@ -1,13 +1,34 @@
-"""Wall-clock latency of full sampling trajectories on the run's device."""
+"""Wall-clock latency of full sampling trajectories, measured A/B against the dense base, serially.
+
+Two things make a latency number meaningless: other work on the machine while it is measured, and
+comparing a method timed now with a dense model timed minutes earlier under another load. So:
+
+* :class:`MachineLock` makes measurements serial. Every run holds the lock *shared* while it computes
+  (training, sampling) and takes it *exclusive* only to time trajectories: a measurement waits until no
+  other run of the same cache folder (a sweep's workers share one) is computing, and nobody computes
+  while it runs.
+* :func:`measure_ab` interleaves dense and compressed trajectories (A B A B ...) after warm-up, so slow
+  drifts hit both equally, and reports the median of each with a bootstrap interval of the speed-up.
+  A speed-up whose interval contains 1.0 is "≈1.0×" in the leaderboard.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+LOCK_NAME = "compute.lock"
+MIN_REPEATS = 10
+BOOTSTRAP_DRAWS = 2000
 
 
 def _sync(device: torch.device) -> None:
@@ -15,25 +36,130 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class MachineLock:
+    """A reader/writer lock on a file (``fcntl.flock``): shared while computing, exclusive while timing.
+
+    One instance per process; :meth:`computing` may be re-entered, :meth:`timing` drops the shared hold
+    first (flock cannot upgrade without a gap anyway) and takes it back afterwards.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: int | None = None
+        self._shared_depth = 0
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._fd
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        if self._shared_depth == 0:
+            fcntl.flock(self._open(), fcntl.LOCK_SH)
+        self._shared_depth += 1
+        try:
+            yield
+        finally:
+            self._shared_depth -= 1
+            if self._shared_depth == 0:
+                fcntl.flock(self._open(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[float]:
+        """Exclusive hold; yields the seconds spent waiting for it (recorded)."""
+        held = self._shared_depth > 0
+        fd = self._open()
+        started = time.perf_counter()
+        fcntl.flock(fd, fcntl.LOCK_EX)  # converts a shared hold; waits for every other holder to leave
+        try:
+            yield time.perf_counter() - started
+        finally:
+            if held:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _timed(run: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def speedup_interval(dense_s: list[float], method_s: list[float], seed: int = 0,
+                     draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float]:
+    """95 % bootstrap interval of median(dense) / median(method), resampling the A/B pairs together."""
+    dense, method = np.asarray(dense_s), np.asarray(method_s)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(dense), size=(draws, len(dense)))
+    ratios = np.median(dense[idx], axis=1) / np.median(method[idx], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def measure_ab(
+    run_dense: Callable[[], Any] | None,
+    run_method: Callable[[], Any],
+    device: torch.device,
+    repeats: int = MIN_REPEATS,
+    warmup: int = 1,
+    threads: int | None = None,
+    lock: MachineLock | None = None,
+) -> dict[str, Any]:
+    """Time ``run_method`` (and ``run_dense`` interleaved with it, if given) ``repeats`` times each.
+
+    ``threads`` fixes the intra-op thread count for the measurement (restored afterwards); ``lock``
+    makes it exclusive on the machine. Returns medians, the raw times, and the speed-up with its interval.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    guard = lock.timing() if lock is not None else contextlib.nullcontext(0.0)
+    try:
+        with guard as waited:
+            for _ in range(warmup):
+                if run_dense is not None:
+                    run_dense()
+                run_method()
+                _sync(device)
+            dense_s: list[float] = []
+            method_s: list[float] = []
+            for _ in range(repeats):
+                if run_dense is not None:
+                    dense_s.append(_timed(run_dense, device))
+                method_s.append(_timed(run_method, device))
+        result: dict[str, Any] = {
+            "median_s": statistics.median(method_s),
+            "times_s": [round(t, 5) for t in method_s],
+            "repeats": repeats,
+            "warmup": warmup,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "serial": lock is not None,
+            "lock_wait_s": round(float(waited or 0.0), 3),
+            "interleaved": run_dense is not None,
+        }
+        if run_dense is not None:
+            low, high = speedup_interval(dense_s, method_s)
+            result.update(dense_median_s=statistics.median(dense_s), dense_times_s=[round(t, 5) for t in dense_s],
+                          speedup=statistics.median(dense_s) / statistics.median(method_s),
+                          speedup_ci=[low, high])
+        return result
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure_latency(
     run_trajectory: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1
 ) -> dict[str, Any]:
-    """Median seconds of ``repeats`` timed trajectories after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run_trajectory()
-        _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run_trajectory()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {
-        "median_s": statistics.median(times),
-        "times_s": [round(t, 5) for t in times],
-        "repeats": repeats,
-        "warmup": warmup,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-    }
+    """Median seconds of ``repeats`` timed trajectories after ``warmup`` untimed ones (no A/B, no lock)."""
+    return measure_ab(None, run_trajectory, device, repeats=repeats, warmup=warmup)

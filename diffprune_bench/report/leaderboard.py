@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from diffprune_bench.report.compare import TARGET_TOLERANCE, FeatureStore, add_comparisons
+from diffprune_bench.report.stats import STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text, load_records
 
 BASELINE_FAMILY = "dense"
@@ -48,7 +50,11 @@ METRIC_COLUMNS = [
     "speedup",
     "ssim_to_dense",
     "images_seen",
+    "images_total",
+    "extra_gmacs",
     "train_wall_s",
+    "speedup_low",
+    "speedup_high",
 ]
 MEAN_STD_COLUMNS = ("fid", "kid")
 FAILED_COLUMNS = ["run_id", "suite", "dataset", "method", "sparsity", "seed", "error"]
@@ -56,7 +62,40 @@ FAILED_COLUMNS = ["run_id", "suite", "dataset", "method", "sparsity", "seed", "e
 
 def _budget(config: dict[str, Any]) -> str:
     base = config.get("base") or f"base {config.get('base_steps')} steps"
-    return f"{base}; fine-tune {config.get('finetune_steps')} steps; batch {config.get('batch_size')}"
+    scratch = config.get("scratch_steps")
+    scratch_text = f"; scratch {scratch} steps" if scratch is not None and scratch != config.get("base_steps") else ""
+    return f"{base}; fine-tune {config.get('finetune_steps')} steps{scratch_text}; batch {config.get('batch_size')}"
+
+
+def _extra_gmacs(record: dict[str, Any]) -> float | None:
+    """Scoring / search compute a method spent outside its optimizer steps (forward + backward), in GMACs."""
+    extra = (record.get("method_info") or {}).get("extra_compute")
+    if not isinstance(extra, dict):
+        return None
+    total = float(extra.get("forward_macs") or 0.0) + float(extra.get("backward_macs") or 0.0)
+    return total / 1e9
+
+
+def _images_total(record: dict[str, Any]) -> float | None:
+    """Images the deployed weights have seen: the base's training too when the method started from it."""
+    own = (record.get("training") or {}).get("images_seen")
+    if record.get("method") == "dense":
+        return own
+    base_train = (record.get("base") or {}).get("train") or {}
+    inherited = base_train.get("images_seen") if record.get("init") == "pretrained" else 0
+    if own is None and inherited is None:
+        return None
+    return float(own or 0) + float(inherited or 0)
+
+
+def _near_record(record: dict[str, Any], key: str, name: str) -> str:
+    """A run artefact next to the record file wherever the results folder now lives; the recorded path otherwise."""
+    paths = record.get("paths") or {}
+    if paths.get("record"):
+        candidate = Path(paths["record"]).parent / name
+        if candidate.is_file():
+            return str(candidate)
+    return str(paths.get(key) or "")
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
@@ -87,10 +126,33 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "run_id": record.get("run_id"),
         "finished_at": record.get("finished_at") or "",
         "samples": _samples_path(record),
+        "init": record.get("init"),
+        "then": record.get("then") or "",
+        "label": record.get("method_label") or "",
+        "base_steps": config.get("base_steps"),
+        "train_steps": training.get("optimizer_steps"),
+        "features": _near_record(record, "features", "features.npy"),
+        "reference_features": _reference_path(record),
         **{name: metrics.get(name) for name in METRIC_COLUMNS if name in metrics},
         "images_seen": training.get("images_seen"),
+        "images_total": _images_total(record),
+        "extra_gmacs": _extra_gmacs(record),
         "train_wall_s": training.get("wall_s"),
+        "speedup_low": (metrics.get("speedup_ci") or [None, None])[0],
+        "speedup_high": (metrics.get("speedup_ci") or [None, None])[1],
+        "reference_images": ((protocol.get("reference") or {}).get("images")),
     }
+
+
+def _reference_path(record: dict[str, Any]) -> str:
+    """The reference statistics file, looked up beside the results folder first (it may have moved)."""
+    recorded = (record.get("paths") or {}).get("reference_features") or ""
+    record_file = (record.get("paths") or {}).get("record")
+    if recorded and record_file:
+        candidate = Path(record_file).parent.parent / "reference" / Path(recorded).name
+        if candidate.is_file():
+            return str(candidate)
+    return str(recorded)
 
 
 def _samples_path(record: dict[str, Any]) -> str:
@@ -117,16 +179,24 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "run_id",
         "finished_at",
         "samples",
+        "init",
+        "then",
+        "label",
+        "base_steps",
+        "train_steps",
+        "features",
+        "reference_features",
+        "reference_images",
         *METRIC_COLUMNS,
     ]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:
         return frame
-    for name in [*METRIC_COLUMNS, "fid_floor"]:
+    for name in [*METRIC_COLUMNS, "fid_floor", "train_steps", "reference_images"]:
         frame[name] = pd.to_numeric(frame[name], errors="coerce")
     frame["group"] = frame[GROUP_COLUMNS].astype(str).agg(" | ".join, axis=1)
     frame = frame.sort_values("finished_at")
-    frame = frame.drop_duplicates(["group", *ROW_COLUMNS, "seed"], keep="last")
+    frame = frame.drop_duplicates(["group", *ROW_COLUMNS, "then", "seed"], keep="last")
     return frame.reset_index(drop=True)
 
 
@@ -167,9 +237,8 @@ def failed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds per (group, method, variant, sparsity); dense first; best FID marked
-    where at least two methods meet at a sparsity."""
-    keys = ["group", *GROUP_COLUMNS, *ROW_COLUMNS]
+    """Mean ± std over seeds per (group, method, variant, sparsity, composition); controls first."""
+    keys = ["group", *GROUP_COLUMNS, *ROW_COLUMNS, "then"]
     present = [c for c in METRIC_COLUMNS if c in runs.columns]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     table = grouped[present].mean(numeric_only=False).reset_index()
@@ -181,14 +250,12 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     table["family"] = grouped["family"].first().to_numpy()
     table["suites"] = grouped["suite"].apply(lambda s: ",".join(sorted({v for v in s if v}))).to_numpy()
     table["fid_floor"] = grouped["fid_floor"].mean().to_numpy()
+    table["reference_images"] = grouped["reference_images"].max().to_numpy()
+    for name in ("init", "label"):
+        table[name] = grouped[name].first().to_numpy()
+    table["train_steps"] = grouped["train_steps"].max().to_numpy()
     table = table.rename(columns={"fid": "fid_mean", "kid": "kid_mean"})
     table["is_dense"] = table["family"].eq(BASELINE_FAMILY)
-    table["best_at_sparsity"] = False
-    candidates = table[~table["is_dense"] & table["fid_mean"].notna()]
-    if not candidates.empty:
-        contested = candidates.groupby(["group", "sparsity"])["fid_mean"].transform("size") > 1
-        best = candidates[contested].groupby(["group", "sparsity"])["fid_mean"].idxmin()
-        table.loc[best.to_numpy(), "best_at_sparsity"] = True
     table = table.sort_values(
         ["group", "is_dense", "sparsity", "method", "trained_sparsity", "variant"],
         ascending=[True, False, True, True, True, True],
@@ -231,16 +298,15 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Lea
     groups: list[Group] = []
     if not runs.empty:
         table = aggregate(runs)
+        store = FeatureStore()
         for group_id, part in table.groupby("group", sort=True):
             key = {name: part[name].iloc[0] for name in GROUP_COLUMNS}
-            groups.append(
-                Group(
-                    key=key,
-                    table=part.reset_index(drop=True),
-                    runs=runs[runs["group"] == group_id].reset_index(drop=True),
-                    slug="",
-                )
-            )
+            group_runs = runs[runs["group"] == group_id].reset_index(drop=True)
+            base_steps = pd.to_numeric(group_runs["base_steps"], errors="coerce").dropna()
+            compared = add_comparisons(part.reset_index(drop=True), group_runs,
+                                       int(base_steps.iloc[0]) if len(base_steps) else None, store)
+            compared["best_at_sparsity"] = compared["rank"].eq("best")
+            groups.append(Group(key=key, table=compared, runs=group_runs, slug=""))
     _assign_slugs(groups)
     return Leaderboard(groups=groups, failed=failed_frame(records), records=len(records))
 
@@ -277,44 +343,76 @@ def _mean_std(mean: Any, std: Any, spec: str) -> str:
 
 
 def row_label(row: pd.Series) -> str:
-    """``sparsedm [1:4] (trained 0.5)``: the variant, and the training target where it differs."""
-    label = str(row["method"]) + (f" [{row['variant']}]" if row["variant"] else "")
+    """``sparsedm [1:4] (trained 0.5)``: the variant, and the training target where it differs; a
+    composed row names its sampler-level part (``diff-pruning + deepcache``)."""
+    label = str(row.get("label") or "") or str(row["method"])
+    if isinstance(row.get("label"), float):  # NaN from an old record
+        label = str(row["method"])
+    label += f" [{row['variant']}]" if row["variant"] else ""
+    if row.get("then"):
+        label += f" + {row['then']}"
     if not math.isclose(float(row["sparsity"]), float(row["trained_sparsity"]), abs_tol=1e-4):
         label += f" (trained {float(row['trained_sparsity']):g})"
     return label
 
 
+def _interval(mean: Any, low: Any, high: Any, spec: str) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    text = format(mean, "+" + spec)
+    if low is not None and not (isinstance(low, float) and math.isnan(low)):
+        text += f" [{format(low, '+' + spec)}, {format(high, '+' + spec)}]"
+    return text
+
+
+def _speedup(r: pd.Series) -> str:
+    value, low, high = r.get("speedup"), r.get("speedup_low"), r.get("speedup_high")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{value:.2f}x"
+    if low <= 1.0 <= high:
+        return "≈1.0x"
+    return f"{value:.2f}x [{low:.2f}, {high:.2f}]"
+
+
+def _saved(r: pd.Series) -> str:
+    text = _num(100 * r.get("macs_reduction", float("nan")), ".1f", "%")
+    return text if r.get("on_target", True) or text == "-" else f"⚠ {text}"
+
+
 def display_table(group: Group) -> pd.DataFrame:
-    """The Markdown view of one group: formatted strings, best FID in bold."""
+    """The Markdown view of one group: formatted strings, the significant best in bold."""
     table = group.table
-    scale, unit = _unit(float(table["macs_dense"].max() or 0.0)) if "macs_dense" in table else (1e6, "M")
     traj_scale, traj_unit = _unit(
         float(table.get("macs_trajectory_effective", pd.Series([0.0])).max() or 0.0)
     )
     rows = []
     for _, r in table.iterrows():
-        name = row_label(r)
         fid = _mean_std(r["fid_mean"], r.get("fid_std"), ".3f")
-        if r["best_at_sparsity"]:
+        if r.get("rank") == "best":
             fid = f"**{fid}**"
         rows.append(
             {
-                "method": name,
+                "method": row_label(r),
                 "family": r["family"],
-                "sparsity": _num(r["sparsity"], ".2f"),
-                f"MACs ({unit})": _num(r.get("macs_dense", float("nan")) / scale, ".3f"),
-                f"eff. MACs ({unit})": _num(r.get("macs_effective", float("nan")) / scale, ".3f"),
+                "target": _num(r["sparsity"], ".2f"),
+                "saved": _saved(r),
                 f"eff. MACs/sample ({traj_unit})": _num(
                     r.get("macs_trajectory_effective", float("nan")) / traj_scale, ".3f"
                 ),
-                "MACs saved": _num(100 * r.get("macs_reduction", float("nan")), ".1f", "%"),
                 "params (M)": _num(r.get("params_total", float("nan")) / 1e6, ".3f"),
                 "nonzero (M)": _num(r.get("params_nonzero", float("nan")) / 1e6, ".3f"),
                 "FID": fid,
-                "KID": _mean_std(r["kid_mean"], r.get("kid_std"), ".4f"),
+                "rank": r.get("rank") or "",
+                "control": r.get("control") or "",
+                "ΔFID [95% CI]": _interval(r.get("dfid"), r.get("dfid_low"), r.get("dfid_high"), ".3f"),
+                "ΔKID×1e3 [95% CI]": _interval(*(1e3 * r.get(c, float("nan")) for c in ("dkid", "dkid_low",
+                                                                                         "dkid_high")), ".2f"),
                 "SSIM": _num(r.get("ssim_to_dense"), ".3f"),
-                "speedup": _num(r.get("speedup"), ".2f", "x"),
-                "train images": _num(r.get("images_seen"), ",.0f"),
+                "speedup": _speedup(r),
+                "images (total)": _num(r.get("images_total"), ",.0f"),
+                "extra GMACs": _num(r.get("extra_gmacs"), ",.1f"),
                 "train s": _num(r.get("train_wall_s"), ".0f"),
                 "seeds": r["seeds"],
             }
@@ -328,12 +426,26 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
         "# Leaderboard",
         "",
         f"Generated by `diffbench leaderboard` from {board.records} records. One table per dataset, "
-        "evaluation protocol and training budget: rows in different tables are never compared. FID and KID "
-        "are mean ± std over seeds (sample std); **bold** = best FID at that sparsity; dense (the base every "
-        "method starts from) on top. MACs: one UNet forward at batch 1, of the executed graph and effective "
-        "(each conv and linear counted at its weight density); eff. MACs/sample: a whole sampling "
-        "trajectory; speedup = dense latency / latency in the same process; train images = optimizer "
-        "steps x batch.",
+        "evaluation protocol and training budget: rows in different tables are never compared.",
+        "",
+        "- **Controls** on top: `dense` (the base), `dense-ft` (the base fine-tuned with the pretrained "
+        "methods' budget, nothing compressed), `dense-scratch` (a dense model trained from scratch with the "
+        "scratch methods' budget). Each row's ΔFID / ΔKID is against its budget-matched control (column "
+        "*control*): trained pretrained-init rows vs `dense-ft`, training-free rows vs `dense`, scratch rows vs "
+        "`dense-scratch` (or `dense` when the base had the same budget).",
+        f"- **Statistics**: {STATISTICS_NOTE}. FID / KID columns: mean ± sample std over seeds.",
+        "- **Ranking** at each target saving, among rows on target: **bold** = best FID whose paired advantage "
+        "over the runner-up is significant (its 95 % interval excludes 0); otherwise the rows whose difference "
+        "from the best is not significant are marked `tied` (rank column).",
+        f"- **Target vs realised**: *saved* = 1 - effective trajectory MACs per sample / dense's, measured the "
+        f"same way for every family; a row more than {100 * TARGET_TOLERANCE:.0f} points off its target is "
+        "flagged ⚠ and never ranked.",
+        "- **Latency**: serial (no other run computes while it is timed), dense and compressed trajectories "
+        "interleaved A/B after warm-up; speedup = median dense / median compressed with a 95 % bootstrap "
+        "interval (mean over seeds); an interval containing 1.0 shows as ≈1.0x.",
+        "- **Cost**: images (total) = images the deployed weights have seen (the base's training included for "
+        "methods that start from it); extra GMACs = scoring / search passes outside the optimizer steps "
+        "(forward + backward, backward counted as 2x forward).",
         "",
     ]
     if not board.groups:
@@ -342,8 +454,10 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
         floor = group.table["fid_floor"].mean()
         suites = sorted({s for v in group.table["suites"] for s in str(v).split(",") if s})
         lines += [f"## {group.title()}", ""]
+        reference_images = group.table["reference_images"].max() if "reference_images" in group.table else None
         lines += [
-            f"Suites: {', '.join(suites) or '(single runs)'}; data-vs-data FID floor at this N: "
+            f"Suites: {', '.join(suites) or '(single runs)'}; N = {group.key['num_samples']} samples against "
+            f"{_num(reference_images, ',.0f')} reference images; data-vs-data FID floor at this N: "
             f"{_num(floor, '.3f')}.",
             "",
         ]

@@ -1,0 +1,125 @@
+"""FID of the digits base against its training steps, over several seeds: where does it plateau?
+
+The suite's base budget should sit at the plateau, or "pruning beats dense" only measures extra training
+on an under-trained base. One run per seed trains to the largest budget; because the learning rate is
+constant and the EMA warm-up depends only on the update count, the EMA weights after t steps of that
+run are exactly the base a run with ``base_steps = t`` caches (same data order, same noise stream). Each
+snapshot is scored under the suite's protocol (digits-net FID, the evaluation noise of that seed).
+
+The plateau is the smallest budget t at which 1.5 x t steps improve the seed-mean FID by less than the
+seed-to-seed std. Prints a table, writes ``results/plots/base_plateau.png`` and a CSV beside it.
+
+    python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from diffprune_bench.config import make_config  # noqa: E402
+from diffprune_bench.data import load_dataset  # noqa: E402
+from diffprune_bench.harness import BaseModel, Evaluator, make_context, resolve_config, seed_everything  # noqa: E402
+from diffprune_bench.metrics.fid import fid_from_features  # noqa: E402
+from diffprune_bench.models import build_model  # noqa: E402
+from diffprune_bench.registry import Deployable, Method  # noqa: E402
+from diffprune_bench.trainer import Trainer  # noqa: E402
+
+
+class Snapshots(Method):
+    """Dense training that keeps a copy of the EMA weights after each requested number of steps."""
+
+    def __init__(self, at: list[int]) -> None:
+        super().__init__()
+        self.at, self.trainer, self.kept = set(at), None, {}
+
+    def on_after_optimizer_step(self, step, model, ctx) -> None:
+        # at step index s the EMA holds s updates: exactly the weights of a run with base_steps = s
+        if step in self.at and self.trainer is not None:
+            snapshot = copy.deepcopy(model)
+            self.trainer.ema.copy_to(snapshot)
+            self.kept[step] = snapshot.eval()
+
+
+def plateau(table: pd.DataFrame) -> int | None:
+    """Smallest budget whose 1.5x successor improves the mean FID by less than the seed std."""
+    means = table.groupby("steps")["fid"].mean()
+    stds = table.groupby("steps")["fid"].std().fillna(0.0)
+    budgets = sorted(means.index)
+    for t in budgets:
+        later = [u for u in budgets if u >= 1.5 * t - 1]
+        if later and means[t] - means[later[0]] < stds[t]:
+            return int(t)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, nargs="+", default=[400, 600, 900, 1350, 2025, 3038])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--out", default="results/plots")
+    args = parser.parse_args()
+
+    rows = []
+    for seed in args.seeds:
+        cfg = resolve_config(make_config({"dataset": "digits", "seed": seed, "batch_size": args.batch_size,
+                                          "base_steps": max(args.steps), "num_samples": args.num_samples,
+                                          "sample_steps": 50, "fid_extractor": "digits-net"}))
+        data = load_dataset(cfg.dataset)
+        device = torch.device("cpu")
+        seed_everything(seed)
+        model = build_model(cfg.preset, seed=seed).to(device)
+        recorder = Snapshots([s for s in args.steps if s < max(args.steps)])
+        ctx = make_context(cfg, data, device, max(args.steps))
+        trainer = Trainer(model, recorder, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                          description=f"digits base, seed {seed}")
+        recorder.trainer = trainer
+        stats = trainer.train()
+        recorder.kept[max(args.steps)] = model.eval()
+        evaluator = Evaluator(cfg, data, device, BaseModel(model, {}))
+        for steps, snapshot in sorted(recorder.kept.items()):
+            samples = evaluator.sample(Deployable(snapshot), evaluator.noise)
+            fid = fid_from_features(evaluator.extractor.features(samples), evaluator.reference)
+            rows.append({"seed": seed, "steps": steps, "images": steps * args.batch_size, "fid": fid,
+                         "floor": evaluator.floor})
+            print(f"seed {seed} steps {steps:>5}: FID {fid:.3f} (floor {evaluator.floor:.3f})", flush=True)
+        print(f"seed {seed}: {stats.steps} steps in {stats.wall_s:.0f} s", flush=True)
+
+    table = pd.DataFrame(rows)
+    summary = table.groupby("steps")["fid"].agg(["mean", "std", "count"]).reset_index()
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    chosen = plateau(table)
+    print(f"plateau (1.5x more steps improves FID by less than the seed std): {chosen} steps x batch {args.batch_size}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "base_plateau.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(summary["steps"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3,
+                label=f"base, mean ± std over {len(args.seeds)} seeds")
+    ax.axhline(statistics.mean(r["floor"] for r in rows), color="grey", ls="--", label="data-vs-data floor")
+    if chosen:
+        ax.axvline(chosen, color="tab:red", ls=":", label=f"plateau: {chosen} steps")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"base training steps (batch {args.batch_size})")
+    ax.set_ylabel(f"FID (digits-net, N={args.num_samples})")
+    ax.set_title("digits base: FID vs training budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "base_plateau.png", dpi=120)
+    print(f"wrote {out / 'base_plateau.png'} and {out / 'base_plateau.csv'}")
+
+
+if __name__ == "__main__":
+    main()

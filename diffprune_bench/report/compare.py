@@ -1,0 +1,151 @@
+"""Controls, paired differences and significance for one leaderboard table.
+
+Which row is each row's fair control (DESIGN.md section 5, protocol v2):
+
+* a method that trains after starting from the dense base (pretrained init, fine-tune steps > 0) is
+  compared with ``dense-ft``: the base fine-tuned with the same budget and nothing compressed, so extra
+  training on the base is not counted as a merit of compression;
+* a method that starts from the base and does not train (fewer steps, feature caching) is compared with
+  ``dense``: it uses the base as it is;
+* a method trained from scratch is compared with ``dense-scratch`` (a dense model trained from scratch
+  with the same steps) or with ``dense`` when the base itself had exactly that budget;
+* ``dense-ft`` and ``dense-scratch`` are compared with ``dense`` (how much the extra or shorter training
+  moves the base), and ``dense`` with nothing.
+
+The ranking at a target saving only considers rows on target (realised saving within the tolerance):
+the best row is bold only when its paired advantage over the runner-up is significant; otherwise the
+rows statistically tied with it are marked as the tied group.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from diffprune_bench.report.stats import PairedDelta, Reference, paired_fid_delta, paired_kid_delta
+
+DENSE, DENSE_FT, DENSE_SCRATCH = "dense", "dense-ft", "dense-scratch"
+CONTROL_METHODS = (DENSE, DENSE_FT, DENSE_SCRATCH)
+#: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
+TARGET_TOLERANCE = 0.02
+
+
+def control_for(row: pd.Series, present: set[str], base_steps: int | None) -> str | None:
+    """The control method of ``row`` among the control rows ``present`` in its table (None: no fair one)."""
+    method, init, steps = row["method"], row.get("init"), row.get("train_steps")
+    trained = bool(steps) and not (isinstance(steps, float) and math.isnan(steps))
+    if method == DENSE:
+        return None
+    if method in (DENSE_FT, DENSE_SCRATCH):
+        choice = DENSE
+    elif init == "pretrained":
+        choice = DENSE_FT if trained else DENSE
+    elif DENSE_SCRATCH in present:
+        choice = DENSE_SCRATCH
+    else:
+        choice = DENSE if base_steps is not None and steps == base_steps else None
+    return choice if choice in present else None
+
+
+class FeatureStore:
+    """Loads per-sample features and reference statistics once per file."""
+
+    def __init__(self) -> None:
+        self._features: dict[str, np.ndarray | None] = {}
+        self._references: dict[str, Reference | None] = {}
+
+    def features(self, path: Any) -> np.ndarray | None:
+        key = str(path or "")
+        if key not in self._features:
+            self._features[key] = np.load(key).astype(np.float64) if key and Path(key).is_file() else None
+        return self._features[key]
+
+    def reference(self, path: Any) -> Reference | None:
+        key = str(path or "")
+        if key not in self._references:
+            self._references[key] = Reference.load(key) if key and Path(key).is_file() else None
+        return self._references[key]
+
+
+def _by_seed(runs: pd.DataFrame, store: FeatureStore) -> dict[int, np.ndarray]:
+    found = {}
+    for _, run in runs.iterrows():
+        features = store.features(run.get("features"))
+        if features is not None:
+            found[int(run["seed"])] = features
+    return found
+
+
+def row_key(row: pd.Series) -> tuple:
+    return (row["method"], row["variant"], row["sparsity"], row["trained_sparsity"], row.get("then", ""))
+
+
+def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | None,
+                    store: FeatureStore | None = None) -> pd.DataFrame:
+    """``table`` (one row per method/variant/sparsity) with its control, ΔFID/ΔKID intervals, the on-target
+    flag and the significance-aware rank at each target saving."""
+    store = store or FeatureStore()
+    table = table.copy()
+    keys = ["method", "variant", "sparsity", "trained_sparsity"] + (["then"] if "then" in runs.columns else [])
+    run_groups = {tuple(k): part for k, part in runs.groupby(keys, dropna=False, sort=False)}
+    reference = next((store.reference(p) for p in runs.get("reference_features", pd.Series(dtype=str))
+                      if store.reference(p) is not None), None)
+    controls_present = set(table.loc[table["method"].isin(CONTROL_METHODS), "method"])
+
+    def runs_of(row: pd.Series) -> pd.DataFrame:
+        return run_groups.get(tuple(row[k] for k in keys), runs.iloc[0:0])
+
+    def control_runs(name: str) -> pd.DataFrame:
+        return runs[runs["method"] == name]
+
+    columns: dict[str, list[Any]] = {c: [] for c in ("control", "dfid", "dfid_low", "dfid_high", "dkid",
+                                                     "dkid_low", "dkid_high", "on_target")}
+    for _, row in table.iterrows():
+        control = control_for(row, controls_present, base_steps)
+        fid_delta = kid_delta = None
+        if control and reference is not None:
+            mine, theirs = _by_seed(runs_of(row), store), _by_seed(control_runs(control), store)
+            fid_delta = paired_fid_delta(mine, theirs, reference)
+            kid_delta = paired_kid_delta(mine, theirs, reference)
+        columns["control"].append(control or "")
+        for prefix, delta in (("dfid", fid_delta), ("dkid", kid_delta)):
+            columns[prefix].append(delta.mean if delta else float("nan"))
+            columns[f"{prefix}_low"].append(delta.low if delta else float("nan"))
+            columns[f"{prefix}_high"].append(delta.high if delta else float("nan"))
+        saved = row.get("macs_reduction")
+        off = (row["sparsity"] > 0 and saved is not None and not math.isnan(saved)
+               and abs(saved - row["sparsity"]) > TARGET_TOLERANCE)
+        columns["on_target"].append(not off)
+    for name, values in columns.items():
+        table[name] = values
+    table["rank"] = ""
+    for _, part in table[(table["sparsity"] > 0) & ~table["method"].isin(CONTROL_METHODS)].groupby("sparsity"):
+        _rank(table, part, runs_of, reference, store)
+    return table
+
+
+def _rank(table: pd.DataFrame, part: pd.DataFrame, runs_of, reference: Reference | None,
+          store: FeatureStore) -> None:
+    """Bold the best on-target row if it beats the runner-up significantly; else mark the tied group."""
+    candidates = part[part["on_target"] & part["fid_mean"].notna()].sort_values("fid_mean")
+    if len(candidates) < 2:
+        return
+    best_index = candidates.index[0]
+    best_features = _by_seed(runs_of(table.loc[best_index]), store)
+    tied = [best_index]
+    decisive: PairedDelta | None = None
+    for index in candidates.index[1:]:
+        delta = (paired_fid_delta(best_features, _by_seed(runs_of(table.loc[index]), store), reference)
+                 if reference is not None else None)
+        if index == candidates.index[1]:
+            decisive = delta
+        if delta is None or not delta.high < 0:
+            tied.append(index)
+    if decisive is not None and decisive.high < 0:
+        table.loc[best_index, "rank"] = "best"
+    else:
+        table.loc[tied, "rank"] = "tied"
