@@ -9,14 +9,18 @@ import torch
 from diffprune_bench.data import load_digits
 from diffprune_bench.errors import BenchError
 from diffprune_bench.metrics.fid import (
+    DIGITS_NET_FINGERPRINT,
     DigitsNetExtractor,
     ReferenceStats,
     build_extractor,
     digits_accuracy,
     fid_from_features,
     kid_from_features,
+    load_digits_net,
     quantize_uint8,
+    train_digits_net,
 )
+from diffprune_bench.models import weights_hash
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +39,26 @@ def test_digits_net_is_accurate_on_the_reference_split(extractor, digits):
     assert extractor.reference_accuracy >= 0.95
 
 
-def test_digits_net_is_deterministic_and_cached(tmp_path, extractor):
-    """The same net whatever the caller's thread count (a sweep's workers run one, regress runs all)."""
+def test_digits_net_training_is_deterministic_whatever_the_thread_count(digits):
+    """Regenerating the shipped weights gives one net whatever the caller's thread count."""
+    images, labels = digits.train.tensors
     threads = torch.get_num_threads()
     other = 1 if threads > 1 else 2
+    first = weights_hash(train_digits_net(images, labels, epochs=2))
     torch.set_num_threads(other)
     try:
-        again = DigitsNetExtractor(tmp_path)  # trained afresh in another cache
+        second = weights_hash(train_digits_net(images, labels, epochs=2))
         assert torch.get_num_threads() == other  # the caller's setting is given back
     finally:
         torch.set_num_threads(threads)
-    assert again.fingerprint() == extractor.fingerprint()
-    assert (tmp_path / "extractors" / "digits-net.pt").is_file()
+    assert first == second
+
+
+def test_shipped_digits_net_is_the_protocol(extractor, tmp_path):
+    """The FID protocol's weights come with the package, so every machine scores with the same net."""
+    assert extractor.fingerprint() == DIGITS_NET_FINGERPRINT == weights_hash(load_digits_net())
+    assert DigitsNetExtractor(tmp_path).fingerprint() == DIGITS_NET_FINGERPRINT
+    assert not (tmp_path / "extractors").exists()  # nothing trained or cached per machine
 
 
 def test_fid_is_zero_for_identical_sets_and_symmetric(extractor, digits):

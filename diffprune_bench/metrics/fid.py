@@ -134,28 +134,37 @@ def digits_accuracy(net: DigitsNet, images: torch.Tensor, labels: torch.Tensor) 
         return float((net(quantize_uint8(images) / 127.5 - 1).argmax(1) == labels).float().mean())
 
 
+#: The digits FID protocol's weights, shipped with the package like clean-fid's Inception download: a net
+#: retrained on another CPU differs in its last bits (float reductions are not reproducible across
+#: instruction sets), and a different net is a different FID. ``train_digits_net`` regenerates the file.
+DIGITS_NET_WEIGHTS = Path(__file__).with_name("weights") / "digits-net.safetensors"
+#: sha256 prefix of the shipped weights (``weights_hash``); recorded in every digits record's protocol.
+DIGITS_NET_FINGERPRINT = "2a43975d25807927"
+
+
+def load_digits_net(path: Path = DIGITS_NET_WEIGHTS) -> DigitsNet:
+    from safetensors.torch import load_file
+
+    net = DigitsNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
 class DigitsNetExtractor(FeatureExtractor):
+    """Features of the shipped digits-net; ``cache_dir`` is accepted for the common extractor signature."""
+
     name = "digits-net"
 
-    def __init__(self, cache_dir: str | Path) -> None:
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
         from diffprune_bench.data import load_digits
 
-        path = Path(cache_dir) / "extractors" / "digits-net.pt"
-        bundle = load_digits()
-        train_images, train_labels = bundle.train.tensors
-        if path.is_file():
-            self.net = DigitsNet()
-            self.net.load_state_dict(torch.load(path, map_location="cpu"))
-            self.net.eval()
-        else:
-            self.net = train_digits_net(train_images, train_labels)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.net.state_dict(), tmp)
-            os.replace(tmp, path)
-        ref_images, ref_labels = bundle.reference.tensors
-        self.reference_accuracy = digits_accuracy(self.net, ref_images, ref_labels)
+        self.net = load_digits_net()
         self._fingerprint = weights_hash(self.net)
+        if self._fingerprint != DIGITS_NET_FINGERPRINT:
+            raise BenchError(f"{DIGITS_NET_WEIGHTS} has fingerprint {self._fingerprint}, "
+                             f"not the protocol's {DIGITS_NET_FINGERPRINT}: reinstall the package")
+        ref_images, ref_labels = load_digits().reference.tensors
+        self.reference_accuracy = digits_accuracy(self.net, ref_images, ref_labels)
 
     def fingerprint(self) -> str:
         return self._fingerprint
