@@ -1,0 +1,91 @@
+"""Latency is measured serially (never while another run computes), A/B interleaved, with a speed-up interval."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffprune_bench.metrics.latency import MachineLock, measure_ab, speedup_interval
+
+CPU = torch.device("cpu")
+
+
+def _other_run(folder: str, mode: str, hold_s: float, log: str) -> None:
+    """Another run of the same cache folder: computes (shared hold) or times (exclusive hold)."""
+    lock = MachineLock(folder)
+    guard = lock.computing() if mode == "compute" else lock.timing()
+    with guard:
+        started = time.time()
+        Path(log).write_text(f"{started}\n")
+        time.sleep(hold_s)
+        Path(log).write_text(f"{started}\n{time.time()}\n")
+
+
+def _start_other(tmp_path: Path, mode: str, hold_s: float) -> tuple[multiprocessing.Process, Path]:
+    log = tmp_path / f"{mode}.log"
+    process = multiprocessing.get_context("spawn").Process(
+        target=_other_run, args=(str(tmp_path), mode, hold_s, str(log)))
+    process.start()
+    deadline = time.time() + 60
+    while not log.exists():  # wait until it holds the lock
+        assert time.time() < deadline, "the other process never took the lock"
+        time.sleep(0.02)
+    return process, log
+
+
+def test_timing_waits_until_no_other_run_computes(tmp_path):
+    process, log = _start_other(tmp_path, "compute", hold_s=1.0)
+    calls: list[float] = []
+    lock = MachineLock(tmp_path)
+    with lock.computing():  # this run computes too; measuring must not deadlock on its own hold
+        result = measure_ab(lambda: calls.append(time.time()), lambda: calls.append(time.time()), CPU,
+                            repeats=3, lock=lock)
+    process.join(30)
+    other_started, other_ended = map(float, log.read_text().split())
+    assert min(calls) >= other_ended  # not one trajectory timed while the other run computed
+    assert result["serial"] and result["lock_wait_s"] >= 0.5 * (other_ended - other_started)
+
+
+def test_no_run_computes_while_one_times(tmp_path):
+    process, log = _start_other(tmp_path, "time", hold_s=1.0)
+    lock = MachineLock(tmp_path)
+    with lock.computing():
+        entered = time.time()
+    process.join(30)
+    _, timing_ended = map(float, log.read_text().split())
+    assert entered >= timing_ended
+
+
+def test_trajectories_are_interleaved_after_warmup_with_fixed_threads():
+    order: list[str] = []
+    threads = torch.get_num_threads()
+    seen_threads: list[int] = []
+
+    def dense() -> None:
+        order.append("D")
+        seen_threads.append(torch.get_num_threads())
+
+    result = measure_ab(dense, lambda: order.append("M"), CPU, repeats=4, warmup=2, threads=1)
+    assert order == ["D", "M"] * 6  # 2 warm-up pairs, then 4 timed pairs, alternating
+    assert set(seen_threads) == {1} and result["threads"] == 1
+    assert torch.get_num_threads() == threads  # the caller's setting is given back
+    assert len(result["times_s"]) == len(result["dense_times_s"]) == 4 and result["interleaved"]
+
+
+def test_speedup_interval_is_a_bootstrap_of_the_median_ratio():
+    assert speedup_interval([2.0] * 10, [1.0] * 10) == (2.0, 2.0)
+    same = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98, 1.01, 0.99]
+    low, high = speedup_interval(same, list(reversed(same)))
+    assert low <= 1.0 <= high  # the same graph twice: the interval contains 1, shown as ≈1.0x
+    low, high = speedup_interval([2.0 + 0.01 * i for i in range(10)], [1.0 + 0.01 * i for i in range(10)])
+    assert 1.8 < low <= high < 2.1
+
+
+@pytest.mark.parametrize("repeats", [1, 10])
+def test_repeats_are_what_was_asked(repeats):
+    result = measure_ab(None, lambda: None, CPU, repeats=repeats)
+    assert result["repeats"] == len(result["times_s"]) == repeats and "speedup" not in result
