@@ -208,3 +208,11 @@ def test_screenshot_command_saves_a_full_page_picture(built, tmp_path):
     assert main([str(built[1]), str(target)]) == 0
     assert mpimg.imread(target).shape[0] > 1000  # taller than the window: the whole page
     assert main([str(tmp_path / "missing.html"), str(target)]) == 2
+
+
+def test_a_site_without_successful_records_says_so(tmp_path):
+    board = lb.build([make_record("magnitude", 0.5, 0, 1.0, status="failed")])
+    index = write_site(board, [], tmp_path / "site")
+    html = index.read_text()
+    assert "No successful records yet." in html and "<table class=\"leaderboard\"" not in html
+    assert "Failed runs" in html and "magnitude broke" in html

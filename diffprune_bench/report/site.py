@@ -155,7 +155,9 @@ def pareto_chart(group: Group, x: str, title: str, xlabel: str, x_low: str | Non
     points["_front"] = front_mask(points["_x"].tolist(), points["fid_mean"].astype(float).tolist())
     fig = go.Figure()
     palette = qualitative.Dark24
-    for index, (method, part) in enumerate(points.groupby("method", sort=True)):
+    order = points[["family", "method"]].drop_duplicates().assign(base=lambda f: f["family"] != "dense")
+    order = order.sort_values(["base", "family", "method"])  # the legend lists dense, then family by family
+    for index, (method, part) in enumerate((m, points[points["method"] == m]) for m in order["method"]):
         error_x = None
         if x_low and x_high and x_low in part and part[x_low].map(_finite).any():
             ends = pd.DataFrame({"a": part[x_low].map(transform), "b": part[x_high].map(transform)})
@@ -179,8 +181,8 @@ def pareto_chart(group: Group, x: str, title: str, xlabel: str, x_low: str | Non
     ))
     fig.update_layout(title={"text": title, "font": {"size": 14}}, xaxis_title=xlabel,
                       yaxis_title=f"FID ({group.key['extractor']}, N={group.key['num_samples']})",
-                      template="plotly_white", height=460, margin={"l": 60, "r": 20, "t": 50, "b": 50},
-                      legend={"groupclick": "toggleitem"})
+                      template="plotly_white", height=520, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      legend={"groupclick": "toggleitem", "tracegroupgap": 4, "font": {"size": 11}})
     return fig
 
 
