@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import platform
 import re
 import shutil
@@ -77,7 +78,7 @@ def software_versions() -> dict[str, str]:
 
 
 def _finite(value: Any) -> bool:
-    return value is not None and isinstance(value, (int, float)) and math.isfinite(float(value))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _cell(text: Any) -> Cell:
