@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install demo test test-slow test-all lint smoke leaderboard regress bench
+.PHONY: install demo test test-slow test-all lint smoke leaderboard site-screenshot regress bench
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: $(STAMP)
 leaderboard: $(STAMP)
 	$(BIN)/diffbench sweep benchmarks/digits.yaml --jobs 2; status=$$?; \
 	$(BIN)/diffbench leaderboard --suite digits && exit $$status
+
+# The picture of results/site/index.html the docs show (headless Chromium; fails on a blank page or JS error).
+site-screenshot: $(STAMP)
+	$(BIN)/python -m diffprune_bench.report.browser results/site/index.html results/site/screenshot.png
 
 regress: $(STAMP)
 	$(BIN)/diffbench regress --suite benchmarks/digits-ci.yaml --baseline results/ci-baseline.json

@@ -229,6 +229,7 @@ def leaderboard(
     out: str = typer.Option("results", help="Where leaderboard.md, leaderboard.csv and plots/ are written."),
     suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Also draw results/plots/*.png|svg."),
+    site: bool = typer.Option(True, "--site/--no-site", help="Also write the web page results/site/index.html."),
 ) -> None:
     """Render the leaderboard (Markdown + CSV) and plots from every record."""
     from diffprune_bench.report.leaderboard import write_leaderboard
@@ -239,6 +240,12 @@ def leaderboard(
     typer.echo(f"{len(board.groups)} table(s) from {board.records} records, "
                f"{len(board.failed)} failed run(s): {written['markdown']}, {written['csv']}, "
                f"{plot_files} plot files")
+    if site:
+        from diffprune_bench.report.site import write_site
+        from diffprune_bench.results import load_records
+
+        index = write_site(board, load_records(results_dir), Path(out) / "site")
+        typer.echo(f"site: {index} ({index.stat().st_size:,} bytes)")
 
 
 @app.command()
