@@ -509,7 +509,11 @@ def write_leaderboard(
 
         for slug, paths in write_plots(board, out / "plots").items():
             plot_paths[slug] = [str(Path(p).relative_to(out)) for p in paths]
+    from diffprune_bench.report import pareto
+
+    pareto_plots = [str(p.relative_to(out)) for p in pareto.write_plots(board, out / "plots")] if with_plots else []
     markdown, csv = out / "leaderboard.md", out / "leaderboard.csv"
-    atomic_write_text(markdown, render_markdown(board, plot_paths))
+    text = render_markdown(board, plot_paths) + "\n" + pareto.markdown_section(board, pareto_plots)
+    atomic_write_text(markdown, text)
     atomic_write_text(csv, csv_frame(board).to_csv(index=False))
     return {"board": board, "markdown": markdown, "csv": csv, "plots": plot_paths}
