@@ -78,9 +78,9 @@ def points_frame(board: Leaderboard) -> pd.DataFrame:
     for name in PROTOCOL_COLUMNS:
         if name not in frame.columns:
             frame[name] = None
-    frame["protocol"] = frame[PROTOCOL_COLUMNS].astype(str).agg(" | ".join, axis=1)
+    keys = frame[PROTOCOL_COLUMNS].itertuples(index=False)
+    frame["protocol"] = [" | ".join(str(v) for v in values) for values in keys]
     frame["label"] = [row_label(r) for _, r in frame.iterrows()]
-    frame["steps_run"] = frame["sample_steps"]
     errors = [_fid_errors(r) for _, r in frame.iterrows()]
     frame["fid_err_low"] = [e[0] for e in errors]
     frame["fid_err_high"] = [e[1] for e in errors]
@@ -91,6 +91,8 @@ def points_frame(board: Leaderboard) -> pd.DataFrame:
     frame["front_macs"] = False
     frame["front_latency"] = False
     for _, part in frame.groupby("protocol", sort=True):
+        if part["sample_steps"].nunique() > 1:  # rows of tables with other step counts: say which
+            frame.loc[part.index, "label"] = part["label"] + " @" + part["sample_steps"].astype(str) + " steps"
         x = pd.to_numeric(part["macs_trajectory_effective"], errors="coerce")
         frame.loc[part.index, "front_macs"] = front_mask(list(x), list(part["fid_mean"]))
         frame.loc[part.index, "front_latency"] = front_mask(list(part["latency_rel"]), list(part["fid_mean"]))
