@@ -5,6 +5,10 @@ share (training budget and evaluation protocol), and :func:`sweep` runs every ce
 record yet. Records are matched by suite name, dataset, method, sparsity, seed and the cell's options,
 so a sweep that was killed resumes where it stopped (a cell killed part-way continues from its
 training checkpoint) and a sweep whose budget was edited re-runs every cell under the new budget.
+
+``compositions`` (optional) adds cells of a trained method followed by a sampler-level one: a list of
+``{method, then, sparsities (default: the suite's), then_params}``; such a cell's key and run id also
+name ``then`` and its parameters, while plain cells keep theirs.
 """
 
 from __future__ import annotations
