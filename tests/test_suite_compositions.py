@@ -70,3 +70,14 @@ def test_a_sweep_runs_composed_cells_once_and_resumes(tmp_path):
     calls.clear()
     second = sweep(suite, overrides, run_fn=fake_run, progress=False, log=lambda _m: None)
     assert calls == [] and len(second.skipped) == len(suite.cells())
+
+
+def test_a_failed_composed_run_is_not_hidden_by_its_plain_cell(tmp_path):
+    from diffprune_bench.report.leaderboard import failed_frame
+
+    ok = make_record("magnitude", 0.5, 0, 1.0, finished_at="2026-01-02T00:00:00+00:00")
+    failed = make_record("magnitude", 0.5, 0, 0.0, status="failed", run_id="composed",
+                         config={"then": "steps", "then_params": {"saving": 0.5}})
+    failed["then"] = "steps"
+    assert list(failed_frame([ok, failed])["run_id"]) == ["composed"]
+    assert failed_frame([ok, make_record("magnitude", 0.5, 0, 0.0, status="failed")]).empty

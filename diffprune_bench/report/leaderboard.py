@@ -211,6 +211,7 @@ def failed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             r.get("method"),
             round(float(sparsity or 0.0), 4),
             r.get("seed"),
+            r.get("then") or (r.get("config") or {}).get("then"),
         )
 
     ok_at: dict[tuple, str] = {}
