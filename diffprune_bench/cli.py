@@ -83,6 +83,9 @@ def run(
     run_id: str = typer.Option(None, help="Run id (default: time, dataset, method, sparsity, seed)."),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from the run's checkpoint."),
     param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable)."),
+    then: str = typer.Option(None, "--then", help="Sampler-level method applied after it (steps | deepcache)."),
+    then_param: list[str] = typer.Option(None, "--then-param", "-P",
+                                         help="Parameter of the --then method name=value (repeatable)."),
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
     from diffprune_bench.config import load_yaml, make_config, parse_param_overrides
@@ -101,6 +104,10 @@ def run(
     ))
     if param:
         values["method_params"] = {**values.get("method_params", {}), **parse_param_overrides(param)}
+    if then:
+        values["then"] = then
+    if then_param:
+        values["then_params"] = {**values.get("then_params", {}), **parse_param_overrides(then_param)}
     cfg = make_config(values)
     try:
         records = run_harness(cfg)
@@ -126,7 +133,7 @@ def methods() -> None:
     width = max(len(r[0]) for r in rows)
     typer.echo(f"{'name':<{width}}  {'family':<12}  {'init':<10}  description")
     for name, family, init, description in rows:
-        typer.echo(f"{name:<{width}}  {family:<12}  {init:<10}  {description}")
+        typer.echo(f"{name:<{width}}  {family:<13}  {init:<10}  {description}")
 
 
 @app.command()
@@ -174,7 +181,7 @@ def macs(
     typer.echo(f"  params          {total / 1e6:10.3f} M")
     typer.echo(f"  MACs total      {report.total / 1e9:10.4f} G")
     for family in ("conv", "linear", "attention", "other"):
-        typer.echo(f"    {family:<12}  {report.by_family.get(family, 0) / 1e9:10.4f} G")
+        typer.echo(f"    {family:<13}  {report.by_family.get(family, 0) / 1e9:10.4f} G")
     typer.echo(f"  conv+linear     {report.conv_linear / 1e9:10.4f} G")
 
 

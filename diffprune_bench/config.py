@@ -97,6 +97,9 @@ class RunConfig:
     checkpoint_every: int = 500
     suite: str | None = None  # name of the suite a sweep ran this cell for (recorded; None for single runs)
     method_params: dict[str, Any] = field(default_factory=dict)
+    # composition: a sampler-level method (fewer steps, feature caching) applied to the trained method's model
+    then: str | None = None
+    then_params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RunConfig:
         """Raise :class:`BenchError` naming the first bad value and what is allowed."""
@@ -144,7 +147,28 @@ class RunConfig:
                 )
         if not isinstance(self.method_params, dict):
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
+        self._validate_then()
         return self
+
+    def _validate_then(self) -> None:
+        """``then`` must name a sampler-level method, and ``then_params`` be its parameters."""
+        from diffprune_bench.registry import build_params, get_method_class, method_names
+
+        if not isinstance(self.then_params, dict):
+            raise BenchError(f"then_params {self.then_params!r} must be a mapping")
+        if self.then is None:
+            if self.then_params:
+                raise BenchError("then-param given without --then (the sampler-level method they belong to)")
+            return
+        sampler_level = [n for n in method_names() if get_method_class(n).sampler_level]
+        if self.then not in sampler_level:
+            raise BenchError(f"--then {self.then!r} is not a sampler-level method; allowed: {', '.join(sampler_level)}")
+        if get_method_class(self.method).sampler_level:
+            raise BenchError(f"--then follows a trained method, not the sampler-level {self.method!r}")
+        try:
+            build_params(get_method_class(self.then), self.then_params)
+        except TypeError as error:
+            raise BenchError(f"then-param: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

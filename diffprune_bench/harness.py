@@ -8,6 +8,7 @@ the run directory exists still writes a record with ``status: failed`` and the r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -227,8 +228,12 @@ class Evaluator:
         if self.cfg.channels_last:
             noise = noise.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.precision):
-            return ddim_sample(self._step_modules(deployable), noise, self.cfg.sample_steps,
+            return ddim_sample(self._step_modules(deployable), noise, self.steps_of(deployable),
                                self.cfg.timestep_spacing, progress=progress)
+
+    def steps_of(self, deployable: Deployable) -> int:
+        """The DDIM steps ``deployable`` samples with: its own (fewer-steps methods) or the protocol's."""
+        return deployable.sample_steps or self.cfg.sample_steps
 
     def _step_modules(self, deployable: Deployable):
         """The deployable's per-step modules, each compiled once when the run asks for ``compile``."""
@@ -265,7 +270,7 @@ class Evaluator:
                             repeats=self.cfg.latency_repeats, threads=torch.get_num_threads(), lock=self.lock)
         if is_baseline:
             result.update(speedup=1.0, speedup_ci=[1.0, 1.0], dense_median_s=result["median_s"])
-        return {**result, "batch": int(batch.shape[0]), "steps": self.cfg.sample_steps}
+        return {**result, "batch": int(batch.shape[0]), "steps": self.steps_of(deployable)}
 
     def evaluate(self, deployable: Deployable, is_baseline: bool, run_dir: Path) -> dict[str, Any]:
         model = deployable.model
@@ -274,7 +279,7 @@ class Evaluator:
         features = self.extractor.features(samples)
         save_image((samples[:64] + 1) / 2, run_dir / "samples.png", nrow=8)
         report = count_macs(model, self.data.shape)
-        steps = self.cfg.sample_steps
+        steps = self.steps_of(deployable)  # per sample, over the whole trajectory this deployable runs
         if deployable.step_modules is not None:
             traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape)
         else:
@@ -293,7 +298,8 @@ class Evaluator:
             "macs_trajectory_effective": traj_effective,
             "macs_by_family": report.by_family,
             "macs_base": self.base_macs,
-            "macs_reduction": 1.0 - traj_effective / (self.base_macs * steps),
+            "macs_reduction": 1.0 - traj_effective / (self.base_macs * self.cfg.sample_steps),
+            "sample_steps": steps,
             "macs_counter": COUNTER,
             "model_hash": weights_hash(model),
             "params_total": total,
@@ -326,7 +332,8 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     method: Method = create_method(cfg.method, cfg.method_params)
     dist = current_distributed()
     device = dist.setup(select_device(cfg.device))  # this rank's device when launched on several processes
-    run_id = cfg.run_id or dist.broadcast_object(new_run_id(cfg.method, cfg.dataset, cfg.sparsity, cfg.seed))
+    name = f"{cfg.method}+{cfg.then}" if cfg.then else cfg.method
+    run_id = cfg.run_id or dist.broadcast_object(new_run_id(name, cfg.dataset, cfg.sparsity, cfg.seed))
     run_dir = Path(cfg.results_dir) / run_id
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +349,7 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         "family": method.family,
         "init": method.init,
         "method_params": _params_dict(method),
+        **({"then": cfg.then} if cfg.then else {}),
         "dataset": cfg.dataset,
         "preset": cfg.preset,
         "sparsity": cfg.sparsity,
@@ -383,7 +391,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     record["protocol"] = evaluator.protocol() if evaluator else None
 
     seed_everything(cfg.seed)
-    if method.is_baseline:
+    if method.is_baseline or method.sampler_level:  # training-free: the base as it is
         model, steps = base.model, 0
     elif method.init == "pretrained":
         model, steps = copy.deepcopy(base.model).train(), cfg.finetune_steps
@@ -391,13 +399,15 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         steps = cfg.finetune_steps if method.budget == "finetune" else scratch_budget(cfg)
         model = build_model(cfg.preset, seed=cfg.seed).to(device)
     teacher = None
-    if method.init == "pretrained" and not method.is_baseline:
+    if method.init == "pretrained" and not (method.is_baseline or method.sampler_level):
         teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
     ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator and evaluator.score_fid,
                        progress=lambda it, **kw: tqdm(it, leave=False, **kw))
     model = method.prepare(model, ctx)
     if method.is_baseline:
         train_cost = base.info.get("train") or {}
+    elif method.sampler_level:
+        train_cost = {"optimizer_steps": 0, "batch_size": cfg.batch_size, "images_seen": 0, "wall_s": 0.0}
     else:
         trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                           precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
@@ -409,6 +419,8 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         return []
     exported = method.export(model, ctx)
     deployables = exported if isinstance(exported, list) else [exported]
+    if cfg.then:
+        deployables = [compose_then(cfg, deployable, ctx) for deployable in deployables]
 
     records = []
     for index, deployable in enumerate(deployables):
@@ -439,6 +451,21 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         records.append(variant)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return records
+
+
+def compose_then(cfg: RunConfig, deployable: Deployable, ctx: MethodContext) -> Deployable:
+    """``deployable`` made faster by the run's sampler-level ``then`` method.
+
+    The two savings multiply: the trained part keeps (1 - s) of the dense per-step MACs and the sampler
+    part keeps (1 - t) of the steps' MACs, so the composed row's target is 1 - (1 - s)(1 - t); the
+    trajectory MACs the harness counts are the pruned per-step MACs summed over the new schedule."""
+    then = create_method(cfg.then, cfg.then_params)
+    faster = then.accelerate(deployable, dataclasses.replace(ctx, sparsity=0.0))  # its target: then_params
+    trained = deployable.sparsity if deployable.sparsity is not None else cfg.sparsity
+    kept = (1.0 - trained) * (1.0 - float(faster.info.get("saving_target", 0.0)))
+    faster.sparsity = round(1.0 - kept, 4)
+    faster.info = {**deployable.info, "then": {"method": cfg.then, "params": _params_dict(then), **faster.info}}
+    return faster
 
 
 def _params_dict(method: Method) -> dict[str, Any]:

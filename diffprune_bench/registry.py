@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "diffprune_bench.methods"
 BUNDLED_METHODS = "diffprune_bench.methods"
-FAMILIES = ("dense", "structured", "unstructured", "n:m", "step-aware")
+FAMILIES = ("dense", "structured", "unstructured", "n:m", "step-aware", "training-free")
 INITS = ("pretrained", "scratch")
 
 
@@ -49,6 +49,10 @@ class Deployable:
     label: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     sparsity: float | None = None
+    #: DDIM steps this deployable samples with (None: the run's ``sample_steps``). Trajectory MACs and
+    #: latency follow it, while the protocol (and ``macs_reduction``'s denominator) keeps the run's steps,
+    #: so a 25-step row of a 50-step table shows 50 % saved. ``step_modules``, if given, has this length.
+    sample_steps: int | None = None
 
     def module_for_step(self, step_index: int) -> nn.Module:
         if self.step_modules is None:
@@ -75,6 +79,10 @@ class Method:
     #: Training steps: "" follows ``init`` (pretrained -> finetune_steps, scratch -> base_steps);
     #: "finetune" trains a scratch method for finetune_steps (Diff-Pruning's scratch-training row).
     budget: ClassVar[str] = ""
+    #: True for training-free, sampler-level methods (fewer steps, feature caching): they never train and
+    #: turn a Deployable into a faster one with :meth:`accelerate`, alone or after a trained method
+    #: (``--then``).
+    sampler_level: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -96,6 +104,10 @@ class Method:
     def export(self, model: nn.Module, ctx: MethodContext) -> Deployable | list[Deployable]:
         """Turn the trained model into what is evaluated; a list gives one record per variant."""
         return Deployable(model=model)
+
+    def accelerate(self, deployable: Deployable, ctx: MethodContext) -> Deployable:
+        """Sampler-level methods only: the same model sampled more cheaply (``ctx.sparsity`` = target saving)."""
+        raise BenchError(f"method {self.name!r} is not sampler-level: it cannot follow another method (--then)")
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -211,6 +211,7 @@ def failed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             r.get("method"),
             round(float(sparsity or 0.0), 4),
             r.get("seed"),
+            r.get("then") or (r.get("config") or {}).get("then"),
         )
 
     ok_at: dict[tuple, str] = {}
@@ -509,7 +510,11 @@ def write_leaderboard(
 
         for slug, paths in write_plots(board, out / "plots").items():
             plot_paths[slug] = [str(Path(p).relative_to(out)) for p in paths]
+    from diffprune_bench.report import pareto
+
+    pareto_plots = [str(p.relative_to(out)) for p in pareto.write_plots(board, out / "plots")] if with_plots else []
     markdown, csv = out / "leaderboard.md", out / "leaderboard.csv"
-    atomic_write_text(markdown, render_markdown(board, plot_paths))
+    text = render_markdown(board, plot_paths) + "\n" + pareto.markdown_section(board, pareto_plots)
+    atomic_write_text(markdown, text)
     atomic_write_text(csv, csv_frame(board).to_csv(index=False))
     return {"board": board, "markdown": markdown, "csv": csv, "plots": plot_paths}

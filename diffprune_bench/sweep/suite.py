@@ -5,6 +5,10 @@ share (training budget and evaluation protocol), and :func:`sweep` runs every ce
 record yet. Records are matched by suite name, dataset, method, sparsity, seed and the cell's options,
 so a sweep that was killed resumes where it stopped (a cell killed part-way continues from its
 training checkpoint) and a sweep whose budget was edited re-runs every cell under the new budget.
+
+``compositions`` (optional) adds cells of a trained method followed by a sampler-level one: a list of
+``{method, then, sparsities (default: the suite's), then_params}``; such a cell's key and run id also
+name ``then`` and its parameters, while plain cells keep theirs.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from diffprune_bench.registry import build_params, get_method_class
 from diffprune_bench.results import RECORD_NAME, load_records, utc_now, write_record
 from diffprune_bench.rundir import RunDirBusy, RunDirClaim
 
-SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params")
+SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params",
+              "compositions")
+COMPOSITION_KEYS = ("method", "then", "sparsities", "then_params")
 REQUIRED_KEYS = ("name", "datasets", "methods", "sparsities", "seeds")
 BASELINE_METHOD = "dense"
 #: RunConfig fields a suite cannot set in ``options``: they are the grid's axes or set by the sweep.
-AXIS_FIELDS = ("method", "dataset", "sparsity", "seed", "suite", "method_params", "run_id", "resume")
+AXIS_FIELDS = ("method", "dataset", "sparsity", "seed", "suite", "method_params", "run_id", "resume", "then",
+               "then_params")
 #: Options that say where or how a cell runs, not what it measures: changing them never re-runs a cell.
 BOOKKEEPING_FIELDS = (
     "results_dir",
@@ -56,9 +63,23 @@ class Cell:
     method: str
     sparsity: float
     seed: int
+    #: composition: the sampler-level method applied after ``method``, and its parameters (canonical JSON)
+    then: str | None = None
+    then_params: str = "{}"
 
     def label(self) -> str:
-        return f"{self.dataset}/{self.method} s={self.sparsity:g} seed={self.seed}"
+        name = f"{self.method}+{self.then}" if self.then else self.method
+        return f"{self.dataset}/{name} s={self.sparsity:g} seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A suite's composition entry: ``method`` at each of ``sparsities``, then ``then`` with ``then_params``."""
+
+    method: str
+    then: str
+    sparsities: tuple[float, ...]
+    then_params: str = "{}"
 
 
 @dataclass
@@ -74,6 +95,7 @@ class Suite:
     options: dict[str, Any] = field(default_factory=dict)
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<suite>"
+    compositions: list[Composition] = field(default_factory=list)
 
     def cells(self) -> list[Cell]:
         """Dense once per dataset x seed at sparsity 0 (it also trains the cached base every other
@@ -83,6 +105,8 @@ class Suite:
             for seed in self.seeds:
                 cells.append(Cell(dataset, BASELINE_METHOD, 0.0, seed))
                 cells.extend(Cell(dataset, m, s, seed) for m in self.methods for s in self.sparsities)
+                cells.extend(Cell(dataset, c.method, s, seed, c.then, c.then_params)
+                             for c in self.compositions for s in c.sparsities)
         return cells
 
     def with_seeds(self, seeds: Iterable[int]) -> Suite:
@@ -94,7 +118,9 @@ class Suite:
 
     def cell_key(self, cell: Cell) -> dict[str, Any]:
         """What a record must agree with to count as this cell's result."""
+        composed = {"then": cell.then, "then_params": json.loads(cell.then_params)} if cell.then else {}
         return {
+            **composed,
             "suite": self.name,
             "dataset": cell.dataset,
             "method": cell.method,
@@ -107,7 +133,8 @@ class Suite:
     def run_id(self, cell: Cell) -> str:
         """Deterministic, so a killed cell is found again and continues from its checkpoint."""
         digest = hashlib.sha256(json.dumps(self.cell_key(cell), sort_keys=True, default=str).encode())
-        stem = f"{self.name}-{cell.dataset}-{cell.method}-s{cell.sparsity:g}-seed{cell.seed}"
+        method = f"{cell.method}+{cell.then}" if cell.then else cell.method
+        stem = f"{self.name}-{cell.dataset}-{method}-s{cell.sparsity:g}-seed{cell.seed}"
         return f"{stem}-{digest.hexdigest()[:8]}"
 
     def cell_config(self, cell: Cell, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -122,6 +149,8 @@ class Suite:
             method_params=dict(self.method_params.get(cell.method, {})),
             run_id=self.run_id(cell),
         )
+        if cell.then:
+            values.update(then=cell.then, then_params=json.loads(cell.then_params))
         try:
             return make_config(values)
         except BenchError as error:
@@ -178,7 +207,9 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
     sparsities = _sparsities(data["sparsities"], fail)
     seeds = _seeds(data["seeds"], fail)
     options = _options(data.get("options") or {}, fail)
-    method_params = _method_params(data.get("method_params") or {}, methods, fail)
+    compositions = _compositions(data.get("compositions") or [], sparsities, fail)
+    method_params = _method_params(data.get("method_params") or {}, [*methods, *(c.method for c in compositions)],
+                                   fail)
 
     suite = Suite(
         name=name,
@@ -190,6 +221,7 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
         options=options,
         method_params=method_params,
         source=source,
+        compositions=compositions,
     )
     for cell in _one_cell_per_method_and_dataset(suite):
         suite.cell_config(cell)  # validates option values and method parameters once, before any run
@@ -291,7 +323,35 @@ def _one_cell_per_method_and_dataset(suite: Suite) -> list[Cell]:
     seed, sparsity = suite.seeds[0], suite.sparsities[0]
     return [Cell(d, BASELINE_METHOD, 0.0, seed) for d in suite.datasets] + [
         Cell(d, m, sparsity, seed) for d in suite.datasets for m in suite.methods
-    ]
+    ] + [Cell(d, c.method, c.sparsities[0], seed, c.then, c.then_params)
+         for d in suite.datasets for c in suite.compositions]
+
+
+def _compositions(value: Any, sparsities: list[float], fail: Callable[[str], BenchError]) -> list[Composition]:
+    """``compositions: [{method, then, sparsities?, then_params?}]``: trained x sampler-level cells."""
+    from diffprune_bench.registry import method_names
+
+    if not isinstance(value, list):
+        raise fail(f"compositions {value!r} must be a list of {{method, then, sparsities, then_params}} mappings")
+    result: list[Composition] = []
+    for entry in value:
+        if not isinstance(entry, dict) or not {"method", "then"} <= set(entry):
+            raise fail(f"composition {entry!r} must be a mapping with at least method and then")
+        unknown = sorted(set(map(str, entry)) - set(COMPOSITION_KEYS))
+        if unknown:
+            raise fail(f"composition key(s) {', '.join(unknown)} unknown; allowed: {', '.join(COMPOSITION_KEYS)}")
+        for key in ("method", "then"):
+            if entry[key] not in method_names():
+                raise fail(f"composition {key} {entry[key]!r} is unknown; available: {', '.join(method_names())}")
+        params = entry.get("then_params") or {}
+        if not isinstance(params, dict):
+            raise fail(f"composition then_params {params!r} must be a mapping")
+        params = {str(k).replace("-", "_"): v for k, v in params.items()}
+        chosen = _sparsities(entry["sparsities"], fail) if "sparsities" in entry else list(sparsities)
+        result.append(Composition(entry["method"], entry["then"], tuple(chosen), json.dumps(params, sort_keys=True)))
+    if len(set(result)) != len(result):
+        raise fail("compositions list the same entry more than once")
+    return result
 
 
 # ---------------------------------------------------------------- matching records to cells
