@@ -107,7 +107,10 @@ def run(
     except BenchError:
         raise
     except Exception as error:  # noqa: BLE001 - the record holds the traceback
-        typer.echo(f"run failed: {type(error).__name__}: {error} (a failed record was written)", err=True)
+        written = getattr(error, "failed_record", None)
+        where = f"failed record: {written}" if written else "no record could be written"
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        typer.echo(f"run failed: {reason} ({where})", err=True)
         raise typer.Exit(code=1) from None
     from diffprune_bench.report.summary import summary_table
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,8 @@ class RunConfig:
     cache_dir: str = ".diffbench-cache"
     run_id: str | None = None
     resume: bool = False
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # optimizer steps between training checkpoints
+    checkpoint_every_s: float = 60.0  # and at most this many seconds between them (0: steps only)
     suite: str | None = None  # name of the suite a sweep ran this cell for (recorded; None for single runs)
     method_params: dict[str, Any] = field(default_factory=dict)
 
@@ -104,6 +107,7 @@ class RunConfig:
         from diffprune_bench.models import preset_names
         from diffprune_bench.registry import get_method_class
 
+        self._check_types()
         get_method_class(self.method)
         if self.dataset not in dataset_names():
             raise BenchError(f"unknown dataset {self.dataset!r}; available: {', '.join(dataset_names())}")
@@ -125,6 +129,10 @@ class RunConfig:
             raise BenchError(f"resolution {self.resolution!r} must be an integer of at least 8")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise BenchError(f"num-workers {self.num_workers!r} must be a non-negative integer")
+        if self.seed < 0:
+            raise BenchError(f"seed {self.seed!r} must be a non-negative integer")
+        if not self.checkpoint_every_s >= 0:
+            raise BenchError(f"checkpoint-every-s {self.checkpoint_every_s!r} must be a non-negative number of seconds")
         if self.sample_steps == 0:
             raise BenchError("sample-steps 0 must be a positive integer")
         if self.lr is not None and not self.lr > 0:
@@ -146,11 +154,38 @@ class RunConfig:
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
         return self
 
+    def _check_types(self) -> None:
+        """Every field has the type its annotation says (YAML ``lr: abc`` must not reach arithmetic)."""
+        hints = typing.get_type_hints(RunConfig)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            allowed = _allowed_types(hints[item.name])
+            if value is None and type(None) in allowed:
+                continue
+            wanted = [t for t in allowed if t is not type(None)]
+            if float in wanted:
+                wanted.append(int)  # 1 is a fine learning rate
+            if isinstance(value, bool) and bool not in wanted or not isinstance(value, tuple(wanted)):
+                names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed if t is not int or
+                                    float not in allowed)
+                raise BenchError(f"{item.name.replace('_', '-')} {value!r} must be {names}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a mapping", type(None): "null"}
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...]:
+    """``float | None`` -> (float, NoneType); ``dict[str, Any]`` -> (dict,)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args)
 
 
 def config_fields() -> set[str]:
@@ -193,5 +228,9 @@ def parse_param_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise BenchError(f"method parameter {item!r} must look like name=value")
         key, raw = item.split("=", 1)
-        result[key.strip().replace("-", "_")] = yaml_load(raw)
+        try:
+            result[key.strip().replace("-", "_")] = yaml_load(raw)
+        except yaml.YAMLError:
+            raise BenchError(f"method parameter {item!r}: {raw!r} is not a valid value (a number, a word, "
+                             "or a YAML list like [1, 2])") from None
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -46,7 +47,7 @@ from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
 from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
 from diffprune_bench.registry import Deployable, Method, create_method
-from diffprune_bench.results import git_commit, new_run_id, utc_now, write_config, write_record
+from diffprune_bench.results import ensure_writable, git_commit, new_run_id, utc_now, write_config, write_record
 from diffprune_bench.rundir import claim_run_dir
 from diffprune_bench.trainer import Trainer, autocast
 
@@ -54,6 +55,7 @@ CONSISTENCY_SAMPLES = 64
 FEATURES_NAME = "features.npy"  # per-sample extractor features of the evaluation samples (noise order)
 EVAL_NOISE_OFFSET = 10_000  # evaluation noise seed = run seed + offset: never the training stream
 SEARCH_NOISE_OFFSET = 20_000  # a method's own FID search (DDSM) never sees the evaluation noise
+logger = logging.getLogger("diffprune_bench")
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
@@ -69,6 +71,19 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise BenchError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
     return torch.device(name)
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """fp16 on a CPU is refused: CPUs have no fast fp16 kernels (a run measured 0.19x the fp32 speed) and
+    the loss scaler only works on CUDA, so its rows would only mislead. bf16 on a CPU runs (autocast
+    supports it, and CPUs with AMX or AVX-512 BF16 gain from it) but often slower: one warning line."""
+    if device.type != "cpu" or precision == "fp32":
+        return
+    if precision == "fp16":
+        raise BenchError("precision 'fp16' needs a CUDA GPU (CPUs have no fast fp16 kernels); "
+                         "on the CPU use --precision fp32 or bf16")
+    logger.warning("warning: precision %r on the CPU is often slower than fp32 unless the CPU has "
+                   "bf16 instructions (AMX, AVX-512 BF16)", precision)
 
 
 def scratch_budget(cfg: RunConfig) -> int:
@@ -326,8 +341,11 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     method: Method = create_method(cfg.method, cfg.method_params)
     dist = current_distributed()
     device = dist.setup(select_device(cfg.device))  # this rank's device when launched on several processes
+    check_precision(device, cfg.precision)
     run_id = cfg.run_id or dist.broadcast_object(new_run_id(cfg.method, cfg.dataset, cfg.sparsity, cfg.seed))
     run_dir = Path(cfg.results_dir) / run_id
+    if dist.is_main:  # a read-only results folder is a usage error now, not a lost record later
+        ensure_writable(cfg.results_dir, "run records", "--results-dir")
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -360,7 +378,7 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         record.update(status="failed", finished_at=utc_now(), error=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc(limit=8))
         if dist.is_main:
-            write_record(run_dir, record)
+            error.failed_record = _write_failed_record(run_dir, record)  # type: ignore[attr-defined]
         raise
     finally:
         lock.close()
@@ -439,6 +457,14 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         records.append(variant)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return records
+
+
+def _write_failed_record(run_dir: Path, record: dict[str, Any]) -> str | None:
+    """Write the failed record; its path, or None when the folder refused it (the CLI says which)."""
+    try:
+        return str(write_record(run_dir, record))
+    except OSError:
+        return None
 
 
 def _params_dict(method: Method) -> dict[str, Any]:

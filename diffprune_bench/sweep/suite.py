@@ -24,7 +24,7 @@ from typing import Any
 from diffprune_bench.config import RunConfig, config_fields, make_config, yaml_load
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import build_params, get_method_class
-from diffprune_bench.results import RECORD_NAME, load_records, utc_now, write_record
+from diffprune_bench.results import RECORD_NAME, ensure_writable, load_records, record_problem, utc_now, write_record
 from diffprune_bench.rundir import RunDirBusy, RunDirClaim
 
 SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params")
@@ -399,6 +399,7 @@ def sweep(
         for cell, _ in pending:
             write(f"  to run: {cell.label()}")
         return result
+    ensure_writable(results_dir, "run records", "--results-dir")  # one line now, not a traceback per cell
 
     bar = tqdm(
         total=len(configs),
@@ -476,7 +477,7 @@ def finished_fid(run_dir: Path) -> float | None:
         record = json.loads((run_dir / RECORD_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if record.get("status") != "ok" or not is_primary(record):
+    if record_problem(record) is not None or record.get("status") != "ok" or not is_primary(record):
         return None
     fid = (record.get("metrics") or {}).get("fid")
     return float(fid) if isinstance(fid, (int, float)) else math.nan
@@ -559,7 +560,8 @@ def _ensure_failed_record(cfg: RunConfig, reason: str) -> None:
     path = run_dir / RECORD_NAME
     if path.is_file():
         try:
-            if json.loads(path.read_text()).get("status") == "failed":
+            existing = json.loads(path.read_text())
+            if isinstance(existing, dict) and existing.get("status") == "failed":
                 return
         except (OSError, json.JSONDecodeError):
             pass
