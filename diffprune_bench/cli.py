@@ -82,10 +82,12 @@ def run(
     cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
     run_id: str = typer.Option(None, help="Run id (default: time, dataset, method, sparsity, seed)."),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from the run's checkpoint."),
+    checkpoint_every: str = typer.Option(None, help="Training checkpoint every N steps (500) or every duration "
+                                         "(90s, 5m; default: 500 steps or 60 s, whichever comes first)."),
     param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable)."),
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
-    from diffprune_bench.config import load_yaml, make_config, parse_param_overrides
+    from diffprune_bench.config import load_yaml, make_config, parse_checkpoint_every, parse_param_overrides
     from diffprune_bench.harness import run as run_harness
 
     values: dict[str, Any] = load_yaml(config) if config else {}
@@ -101,6 +103,8 @@ def run(
     ))
     if param:
         values["method_params"] = {**values.get("method_params", {}), **parse_param_overrides(param)}
+    if checkpoint_every is not None:
+        values.update(parse_checkpoint_every(checkpoint_every))
     cfg = make_config(values)
     try:
         records = run_harness(cfg)

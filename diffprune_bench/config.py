@@ -188,6 +188,60 @@ def _allowed_types(hint: Any) -> tuple[type, ...]:
     return tuple(typing.get_origin(a) or a for a in args)
 
 
+#: Options a resumed run may change: where files go, how fast or how often things happen, never what
+#: the run trains or measures (``latency_repeats`` only sets how many timings the median takes).
+RESUME_HARMLESS = (
+    "results_dir",
+    "cache_dir",
+    "data_root",
+    "download",
+    "num_workers",
+    "device",
+    "inception_weights",
+    "checkpoint_every",
+    "checkpoint_every_s",
+    "latency_repeats",
+    "resume",
+    "run_id",
+)
+
+
+def resume_refusal(saved_config: Path, cfg: RunConfig) -> str | None:
+    """Why ``cfg`` may not resume the run whose ``config.yaml`` is ``saved_config`` (None: it may).
+
+    A resume continues the same run: any other difference would mix two configurations in one
+    record (and used to overwrite config.yaml silently). No saved config: nothing to compare."""
+    if not saved_config.is_file():
+        return None
+    try:
+        saved = yaml_load(saved_config.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        return f"--resume: cannot read {str(saved_config)!r} ({type(error).__name__}); start a new run"
+    if not isinstance(saved, dict):
+        return f"--resume: {str(saved_config)!r} is not a config mapping; start a new run"
+    defaults = RunConfig().to_dict()
+    current = cfg.to_dict()
+    differing = [key for key in current if key not in RESUME_HARMLESS
+                 and saved.get(key, defaults[key]) != current[key]]
+    if not differing:
+        return None
+    details = ", ".join(f"{k} ({saved.get(k, defaults[k])!r} -> {current[k]!r})" for k in differing)
+    return (f"--resume refused: the config differs from the run's {str(saved_config)!r} in {details}; "
+            f"resume with the same options (only {', '.join(RESUME_HARMLESS[:-2])} may change) or start a new run")
+
+
+def parse_checkpoint_every(text: str) -> dict[str, Any]:
+    """``--checkpoint-every``: ``500`` -> every 500 steps; ``90s``, ``5m``, ``1h`` -> every so many seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text))
+    if match is None or float(match.group(1)) <= 0 or (match.group(2) is None and "." in match.group(1)):
+        raise BenchError(f"--checkpoint-every {text!r} must be a positive number of steps (500) "
+                         "or a duration (90s, 5m, 1h)")
+    number, unit = match.groups()
+    if unit is None:
+        return {"checkpoint_every": int(number)}
+    return {"checkpoint_every_s": float(number) * {"s": 1, "m": 60, "min": 60, "h": 3600}[unit]}
+
+
 def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(RunConfig)}
 

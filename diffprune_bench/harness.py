@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from diffprune_bench import __version__
-from diffprune_bench.config import RunConfig
+from diffprune_bench.config import RunConfig, resume_refusal
 from diffprune_bench.context import MethodContext, infinite_batches
 from diffprune_bench.data import DataBundle, get_dataset_spec, image_batches, load_dataset
 from diffprune_bench.diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
@@ -46,6 +45,7 @@ from diffprune_bench.metrics.fid import (
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
 from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
+from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable, Method, create_method
 from diffprune_bench.results import ensure_writable, git_commit, new_run_id, utc_now, write_config, write_record
 from diffprune_bench.rundir import claim_run_dir
@@ -238,7 +238,7 @@ class Evaluator:
         return str(path)
 
     def sample(self, deployable: Deployable, noise: torch.Tensor, show: bool = False) -> torch.Tensor:
-        progress = (lambda it: tqdm(it, desc="sampling", leave=False)) if show else None
+        progress = (lambda it: progress_bar(it, desc="sampling", unit="batch", leave=False)) if show else None
         if self.cfg.channels_last:
             noise = noise.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.precision):
@@ -347,6 +347,11 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     if dist.is_main:  # a read-only results folder is a usage error now, not a lost record later
         ensure_writable(cfg.results_dir, "run records", "--results-dir")
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
+    if cfg.resume:  # before config.yaml is rewritten: a resume continues the same run or none
+        refusal = dist.broadcast_object(resume_refusal(run_dir / "config.yaml", cfg) if dist.is_main else None)
+        if refusal is not None:
+            claim.release()
+            raise BenchError(refusal)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         write_config(run_dir, cfg.to_dict())
@@ -412,7 +417,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     if method.init == "pretrained" and not method.is_baseline:
         teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
     ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator and evaluator.score_fid,
-                       progress=lambda it, **kw: tqdm(it, leave=False, **kw))
+                       progress=lambda it, **kw: progress_bar(it, leave=False, **kw))
     model = method.prepare(model, ctx)
     if method.is_baseline:
         train_cost = base.info.get("train") or {}
@@ -420,6 +425,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                           precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                          checkpoint_every_s=cfg.checkpoint_every_s,
                           description=f"{cfg.method} s={cfg.sparsity:g}",
                           channels_last=cfg.channels_last, compile=cfg.compile)
         train_cost = trainer.train().as_dict()

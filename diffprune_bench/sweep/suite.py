@@ -41,6 +41,7 @@ BOOKKEEPING_FIELDS = (
     "num_workers",
     "device",
     "checkpoint_every",
+    "checkpoint_every_s",
 )
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_RESULTS_DIR = "results/runs"
@@ -374,6 +375,8 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
+    from diffprune_bench.progress import progress_bar
+
     overrides = dict(overrides or {})
     bad = sorted(set(overrides) - set(BOOKKEEPING_FIELDS))
     if bad:
@@ -401,7 +404,7 @@ def sweep(
         return result
     ensure_writable(results_dir, "run records", "--results-dir")  # one line now, not a traceback per cell
 
-    bar = tqdm(
+    bar = progress_bar(
         total=len(configs),
         initial=len(result.skipped),
         desc=f"suite {suite.name}",
