@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -32,6 +31,7 @@ from diffprune_bench.data import DataBundle, get_dataset_spec, image_batches, lo
 from diffprune_bench.diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
 from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
+from diffprune_bench.export import export_pipeline
 from diffprune_bench.metrics.consistency import mean_ssim
 from diffprune_bench.metrics.fid import (
     FeatureExtractor,
@@ -47,7 +47,15 @@ from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
 from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable, Method, create_method
-from diffprune_bench.results import ensure_writable, git_commit, new_run_id, utc_now, write_config, write_record
+from diffprune_bench.results import (
+    ensure_writable,
+    git_commit,
+    new_run_id,
+    utc_now,
+    warn,
+    write_config,
+    write_record,
+)
 from diffprune_bench.rundir import claim_run_dir
 from diffprune_bench.trainer import Trainer, autocast
 
@@ -55,7 +63,6 @@ CONSISTENCY_SAMPLES = 64
 FEATURES_NAME = "features.npy"  # per-sample extractor features of the evaluation samples (noise order)
 EVAL_NOISE_OFFSET = 10_000  # evaluation noise seed = run seed + offset: never the training stream
 SEARCH_NOISE_OFFSET = 20_000  # a method's own FID search (DDSM) never sees the evaluation noise
-logger = logging.getLogger("diffprune_bench")
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
@@ -82,8 +89,8 @@ def check_precision(device: torch.device, precision: str) -> None:
     if precision == "fp16":
         raise BenchError("precision 'fp16' needs a CUDA GPU (CPUs have no fast fp16 kernels); "
                          "on the CPU use --precision fp32 or bf16")
-    logger.warning("warning: precision %r on the CPU is often slower than fp32 unless the CPU has "
-                   "bf16 instructions (AMX, AVX-512 BF16)", precision)
+    warn(f"precision {precision!r} on the CPU is often slower than fp32 unless the CPU has bf16 "
+         "instructions (AMX, AVX-512 BF16)")
 
 
 def scratch_budget(cfg: RunConfig) -> int:
@@ -321,13 +328,14 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- one run
-def _save_model(model: nn.Module, folder: Path) -> str:
+def _save_model(model: nn.Module, folder: Path, cfg: RunConfig) -> dict[str, str]:
+    """A pipeline folder plain diffusers loads (see :mod:`diffprune_bench.export`); paths for the record."""
     try:
-        model.save_pretrained(folder)
-    except Exception:  # masked / wrapped models: fall back to the raw state dict
+        return export_pipeline(model, folder, cfg.sample_steps, cfg.timestep_spacing)
+    except Exception:  # wrapped models (slimmable widths): fall back to the raw state dict
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), folder / "state_dict.pt")
-    return str(folder)
+    return {"model": str(folder)}
 
 
 def _variant_dir(run_dir: Path, label: str) -> Path:
@@ -346,12 +354,11 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     run_dir = Path(cfg.results_dir) / run_id
     if dist.is_main:  # a read-only results folder is a usage error now, not a lost record later
         ensure_writable(cfg.results_dir, "run records", "--results-dir")
-    claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
-    if cfg.resume:  # before config.yaml is rewritten: a resume continues the same run or none
+    if cfg.resume:  # before anything is written: a resume continues the same run or none
         refusal = dist.broadcast_object(resume_refusal(run_dir / "config.yaml", cfg) if dist.is_main else None)
         if refusal is not None:
-            claim.release()
             raise BenchError(refusal)
+    claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         write_config(run_dir, cfg.to_dict())
@@ -455,7 +462,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
             paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
                    "features": str(target_dir / FEATURES_NAME),
                    "reference_features": evaluator.save_reference_features(Path(cfg.results_dir)),
-                   "model": _save_model(deployable.model, target_dir / "model")},
+                   **_save_model(deployable.model, target_dir / "model", cfg)},
         )
         if index > 0:
             write_config(target_dir, cfg.to_dict())

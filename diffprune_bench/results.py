@@ -7,9 +7,9 @@ logic and the CI regression check all read records and nothing else.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -42,7 +42,6 @@ RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "paths": (dict,),
 }
 
-logger = logging.getLogger("diffprune_bench")
 _UMASK_GUARD = threading.Lock()
 
 
@@ -138,7 +137,12 @@ def record_problem(record: Any) -> str | None:
 
 def warn_skipped(path: str | Path, reason: str) -> None:
     """The one line a reader prints for a record it cannot use: it never stops, and never hides one."""
-    logger.warning("warning: skipping record %s: %s", path, reason)
+    warn(f"skipping record {path}: {reason}")
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (plain print: logging setups of other libraries never hide it)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

@@ -393,6 +393,8 @@ def sweep(
     pending = []
     for cell, cfg in configs:
         (result.skipped if cell_done(records, suite, cell) else pending).append((cell, cfg))
+    if not dry_run:  # one line now, not a traceback per cell
+        ensure_writable(results_dir, "run records", "--results-dir")
     write = log or tqdm.write
     write(
         f"suite {suite.name}: {len(configs)} cells, {len(result.skipped)} already done, "
@@ -402,7 +404,6 @@ def sweep(
         for cell, _ in pending:
             write(f"  to run: {cell.label()}")
         return result
-    ensure_writable(results_dir, "run records", "--results-dir")  # one line now, not a traceback per cell
 
     bar = progress_bar(
         total=len(configs),
