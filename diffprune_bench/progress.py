@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 LOG_FRACTION = 0.1  # a line at every 10 % of the work
 LOG_INTERVAL_S = 30.0  # and at least every 30 s
-LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) {rate_fmt}, ETA {remaining}{postfix}"
-OPEN_FORMAT = "{desc}: {n_fmt} {rate_fmt}, {elapsed} elapsed{postfix}"  # no total known
+# rate_noinv: always steps per second (tqdm's rate_fmt flips to s/step for slow steps)
+LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) {rate_noinv_fmt}, ETA {remaining}{postfix}"
+OPEN_FORMAT = "{desc}: {n_fmt} {rate_noinv_fmt}, {elapsed} elapsed{postfix}"  # no total known
 clock = time.monotonic  # tests replace it to play minutes of work in no time
 
 
