@@ -176,3 +176,29 @@ def test_fp16_on_the_cpu_is_refused_and_bf16_warns(capsys):
     assert capsys.readouterr().err.startswith("warning: precision 'bf16' on the CPU")
     check_precision(torch.device("cpu"), "fp32")
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- a failed run says what it left
+@pytest.mark.parametrize("folder_refuses", [False, True])
+def test_failed_run_says_truthfully_whether_its_record_was_written(tmp_path, monkeypatch, folder_refuses):
+    from typer.testing import CliRunner
+
+    from diffprune_bench import harness
+    from diffprune_bench.cli import app
+
+    def broken_run(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    def refusing_write(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(harness, "_run", broken_run)
+    if folder_refuses:
+        monkeypatch.setattr(harness, "write_record", refusing_write)
+    result = CliRunner().invoke(app, ["run", "--method", "dense", "--device", "cpu", "--run-id", "r",
+                                      "--results-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    record = tmp_path / "runs" / "r" / "record.json"
+    assert record.is_file() is not folder_refuses
+    expected = "(no record could be written)" if folder_refuses else f"(failed record: {record})"
+    assert result.output.strip().splitlines()[-1] == f"run failed: RuntimeError: boom {expected}"
