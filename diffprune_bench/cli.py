@@ -82,13 +82,15 @@ def run(
     cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
     run_id: str = typer.Option(None, help="Run id (default: time, dataset, method, sparsity, seed)."),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from the run's checkpoint."),
+    checkpoint_every: str = typer.Option(None, help="Training checkpoint every N steps (500) or every duration "
+                                         "(90s, 5m; default: 500 steps or 60 s, whichever comes first)."),
     param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable)."),
     then: str = typer.Option(None, "--then", help="Sampler-level method applied after it (steps | deepcache)."),
     then_param: list[str] = typer.Option(None, "--then-param", "-P",
                                          help="Parameter of the --then method name=value (repeatable)."),
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
-    from diffprune_bench.config import load_yaml, make_config, parse_param_overrides
+    from diffprune_bench.config import load_yaml, make_config, parse_checkpoint_every, parse_param_overrides
     from diffprune_bench.harness import run as run_harness
 
     values: dict[str, Any] = load_yaml(config) if config else {}
@@ -108,13 +110,18 @@ def run(
         values["then"] = then
     if then_param:
         values["then_params"] = {**values.get("then_params", {}), **parse_param_overrides(then_param)}
+    if checkpoint_every is not None:
+        values.update(parse_checkpoint_every(checkpoint_every))
     cfg = make_config(values)
     try:
         records = run_harness(cfg)
     except BenchError:
         raise
     except Exception as error:  # noqa: BLE001 - the record holds the traceback
-        typer.echo(f"run failed: {type(error).__name__}: {error} (a failed record was written)", err=True)
+        written = getattr(error, "failed_record", None)
+        where = f"failed record: {written}" if written else "no record could be written"
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        typer.echo(f"run failed: {reason} ({where})", err=True)
         raise typer.Exit(code=1) from None
     from diffprune_bench.report.summary import summary_table
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,8 @@ class RunConfig:
     cache_dir: str = ".diffbench-cache"
     run_id: str | None = None
     resume: bool = False
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # optimizer steps between training checkpoints
+    checkpoint_every_s: float = 60.0  # and at most this many seconds between them (0: steps only)
     suite: str | None = None  # name of the suite a sweep ran this cell for (recorded; None for single runs)
     method_params: dict[str, Any] = field(default_factory=dict)
     # composition: a sampler-level method (fewer steps, feature caching) applied to the trained method's model
@@ -107,6 +110,7 @@ class RunConfig:
         from diffprune_bench.models import preset_names
         from diffprune_bench.registry import get_method_class
 
+        self._check_types()
         get_method_class(self.method)
         if self.dataset not in dataset_names():
             raise BenchError(f"unknown dataset {self.dataset!r}; available: {', '.join(dataset_names())}")
@@ -128,6 +132,10 @@ class RunConfig:
             raise BenchError(f"resolution {self.resolution!r} must be an integer of at least 8")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise BenchError(f"num-workers {self.num_workers!r} must be a non-negative integer")
+        if self.seed < 0:
+            raise BenchError(f"seed {self.seed!r} must be a non-negative integer")
+        if not self.checkpoint_every_s >= 0:
+            raise BenchError(f"checkpoint-every-s {self.checkpoint_every_s!r} must be a non-negative number of seconds")
         if self.sample_steps == 0:
             raise BenchError("sample-steps 0 must be a positive integer")
         if self.lr is not None and not self.lr > 0:
@@ -170,11 +178,92 @@ class RunConfig:
         except TypeError as error:
             raise BenchError(f"then-param: {error}") from None
 
+    def _check_types(self) -> None:
+        """Every field has the type its annotation says (YAML ``lr: abc`` must not reach arithmetic)."""
+        hints = typing.get_type_hints(RunConfig)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            allowed = _allowed_types(hints[item.name])
+            if value is None and type(None) in allowed:
+                continue
+            wanted = [t for t in allowed if t is not type(None)]
+            if float in wanted:
+                wanted.append(int)  # 1 is a fine learning rate
+            if isinstance(value, bool) and bool not in wanted or not isinstance(value, tuple(wanted)):
+                names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed if t is not int or
+                                    float not in allowed)
+                raise BenchError(f"{item.name.replace('_', '-')} {value!r} must be {names}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a mapping", type(None): "null"}
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...]:
+    """``float | None`` -> (float, NoneType); ``dict[str, Any]`` -> (dict,)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args)
+
+
+#: Options a resumed run may change: where files go, how fast or how often things happen, never what
+#: the run trains or measures (``latency_repeats`` only sets how many timings the median takes).
+RESUME_HARMLESS = (
+    "results_dir",
+    "cache_dir",
+    "data_root",
+    "download",
+    "num_workers",
+    "device",
+    "inception_weights",
+    "checkpoint_every",
+    "checkpoint_every_s",
+    "latency_repeats",
+    "resume",
+    "run_id",
+)
+
+
+def resume_refusal(saved_config: Path, cfg: RunConfig) -> str | None:
+    """Why ``cfg`` may not resume the run whose ``config.yaml`` is ``saved_config`` (None: it may).
+
+    A resume continues the same run: any other difference would mix two configurations in one
+    record (and used to overwrite config.yaml silently). No saved config: nothing to compare."""
+    if not saved_config.is_file():
+        return None
+    try:
+        saved = yaml_load(saved_config.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        return f"--resume: cannot read {str(saved_config)!r} ({type(error).__name__}); start a new run"
+    if not isinstance(saved, dict):
+        return f"--resume: {str(saved_config)!r} is not a config mapping; start a new run"
+    defaults = RunConfig().to_dict()
+    current = cfg.to_dict()
+    differing = [key for key in current if key not in RESUME_HARMLESS
+                 and saved.get(key, defaults[key]) != current[key]]
+    if not differing:
+        return None
+    details = ", ".join(f"{k} ({saved.get(k, defaults[k])!r} -> {current[k]!r})" for k in differing)
+    return (f"--resume refused: the config differs from the run's {str(saved_config)!r} in {details}; "
+            f"resume with the same options (only {', '.join(RESUME_HARMLESS[:-2])} may change) or start a new run")
+
+
+def parse_checkpoint_every(text: str) -> dict[str, Any]:
+    """``--checkpoint-every``: ``500`` -> every 500 steps; ``90s``, ``5m``, ``1h`` -> every so many seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text))
+    if match is None or float(match.group(1)) <= 0 or (match.group(2) is None and "." in match.group(1)):
+        raise BenchError(f"--checkpoint-every {text!r} must be a positive number of steps (500) "
+                         "or a duration (90s, 5m, 1h)")
+    number, unit = match.groups()
+    if unit is None:
+        return {"checkpoint_every": int(number)}
+    return {"checkpoint_every_s": float(number) * {"s": 1, "m": 60, "min": 60, "h": 3600}[unit]}
 
 
 def config_fields() -> set[str]:
@@ -217,5 +306,9 @@ def parse_param_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise BenchError(f"method parameter {item!r} must look like name=value")
         key, raw = item.split("=", 1)
-        result[key.strip().replace("-", "_")] = yaml_load(raw)
+        try:
+            result[key.strip().replace("-", "_")] = yaml_load(raw)
+        except yaml.YAMLError:
+            raise BenchError(f"method parameter {item!r}: {raw!r} is not a valid value (a number, a word, "
+                             "or a YAML list like [1, 2])") from None
     return result

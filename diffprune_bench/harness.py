@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from diffprune_bench import __version__
-from diffprune_bench.config import RunConfig
+from diffprune_bench.config import RunConfig, resume_refusal
 from diffprune_bench.context import MethodContext, infinite_batches
 from diffprune_bench.data import DataBundle, get_dataset_spec, image_batches, load_dataset
 from diffprune_bench.diffusion import ddim_sample, initial_noise, make_noise_scheduler, sampler_protocol
 from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
+from diffprune_bench.export import export_pipeline
 from diffprune_bench.metrics.consistency import mean_ssim
 from diffprune_bench.metrics.fid import (
     FeatureExtractor,
@@ -46,8 +46,17 @@ from diffprune_bench.metrics.fid import (
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
 from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
+from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable, Method, create_method
-from diffprune_bench.results import git_commit, new_run_id, utc_now, write_config, write_record
+from diffprune_bench.results import (
+    ensure_writable,
+    git_commit,
+    new_run_id,
+    utc_now,
+    warn,
+    write_config,
+    write_record,
+)
 from diffprune_bench.rundir import claim_run_dir
 from diffprune_bench.trainer import Trainer, autocast
 
@@ -70,6 +79,19 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise BenchError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
     return torch.device(name)
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """fp16 on a CPU is refused: CPUs have no fast fp16 kernels (a run measured 0.19x the fp32 speed) and
+    the loss scaler only works on CUDA, so its rows would only mislead. bf16 on a CPU runs (autocast
+    supports it, and CPUs with AMX or AVX-512 BF16 gain from it) but often slower: one warning line."""
+    if device.type != "cpu" or precision == "fp32":
+        return
+    if precision == "fp16":
+        raise BenchError("precision 'fp16' needs a CUDA GPU (CPUs have no fast fp16 kernels); "
+                         "on the CPU use --precision fp32 or bf16")
+    warn(f"precision {precision!r} on the CPU is often slower than fp32 unless the CPU has bf16 "
+         "instructions (AMX, AVX-512 BF16)")
 
 
 def scratch_budget(cfg: RunConfig) -> int:
@@ -224,7 +246,7 @@ class Evaluator:
         return str(path)
 
     def sample(self, deployable: Deployable, noise: torch.Tensor, show: bool = False) -> torch.Tensor:
-        progress = (lambda it: tqdm(it, desc="sampling", leave=False)) if show else None
+        progress = (lambda it: progress_bar(it, desc="sampling", unit="batch", leave=False)) if show else None
         if self.cfg.channels_last:
             noise = noise.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.precision):
@@ -312,13 +334,14 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------- one run
-def _save_model(model: nn.Module, folder: Path) -> str:
+def _save_model(model: nn.Module, folder: Path, cfg: RunConfig) -> dict[str, str]:
+    """A pipeline folder plain diffusers loads (see :mod:`diffprune_bench.export`); paths for the record."""
     try:
-        model.save_pretrained(folder)
-    except Exception:  # masked / wrapped models: fall back to the raw state dict
+        return export_pipeline(model, folder, cfg.sample_steps, cfg.timestep_spacing)
+    except Exception:  # wrapped models (slimmable widths): fall back to the raw state dict
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), folder / "state_dict.pt")
-    return str(folder)
+    return {"model": str(folder)}
 
 
 def _variant_dir(run_dir: Path, label: str) -> Path:
@@ -332,9 +355,16 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     method: Method = create_method(cfg.method, cfg.method_params)
     dist = current_distributed()
     device = dist.setup(select_device(cfg.device))  # this rank's device when launched on several processes
+    check_precision(device, cfg.precision)
     name = f"{cfg.method}+{cfg.then}" if cfg.then else cfg.method
     run_id = cfg.run_id or dist.broadcast_object(new_run_id(name, cfg.dataset, cfg.sparsity, cfg.seed))
     run_dir = Path(cfg.results_dir) / run_id
+    if dist.is_main:  # a read-only results folder is a usage error now, not a lost record later
+        ensure_writable(cfg.results_dir, "run records", "--results-dir")
+    if cfg.resume:  # before anything is written: a resume continues the same run or none
+        refusal = dist.broadcast_object(resume_refusal(run_dir / "config.yaml", cfg) if dist.is_main else None)
+        if refusal is not None:
+            raise BenchError(refusal)
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -368,7 +398,7 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         record.update(status="failed", finished_at=utc_now(), error=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc(limit=8))
         if dist.is_main:
-            write_record(run_dir, record)
+            error.failed_record = _write_failed_record(run_dir, record)  # type: ignore[attr-defined]
         raise
     finally:
         lock.close()
@@ -402,7 +432,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     if method.init == "pretrained" and not (method.is_baseline or method.sampler_level):
         teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
     ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator and evaluator.score_fid,
-                       progress=lambda it, **kw: tqdm(it, leave=False, **kw))
+                       progress=lambda it, **kw: progress_bar(it, leave=False, **kw))
     model = method.prepare(model, ctx)
     if method.is_baseline:
         train_cost = base.info.get("train") or {}
@@ -412,6 +442,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                           precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                          checkpoint_every_s=cfg.checkpoint_every_s,
                           description=f"{cfg.method} s={cfg.sparsity:g}",
                           channels_last=cfg.channels_last, compile=cfg.compile)
         train_cost = trainer.train().as_dict()
@@ -443,7 +474,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
             paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
                    "features": str(target_dir / FEATURES_NAME),
                    "reference_features": evaluator.save_reference_features(Path(cfg.results_dir)),
-                   "model": _save_model(deployable.model, target_dir / "model")},
+                   **_save_model(deployable.model, target_dir / "model", cfg)},
         )
         if index > 0:
             write_config(target_dir, cfg.to_dict())
@@ -466,6 +497,14 @@ def compose_then(cfg: RunConfig, deployable: Deployable, ctx: MethodContext) -> 
     faster.sparsity = round(1.0 - kept, 4)
     faster.info = {**deployable.info, "then": {"method": cfg.then, "params": _params_dict(then), **faster.info}}
     return faster
+
+
+def _write_failed_record(run_dir: Path, record: dict[str, Any]) -> str | None:
+    """Write the failed record; its path, or None when the folder refused it (the CLI says which)."""
+    try:
+        return str(write_record(run_dir, record))
+    except OSError:
+        return None
 
 
 def _params_dict(method: Method) -> dict[str, Any]:

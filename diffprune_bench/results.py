@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -20,6 +22,27 @@ import yaml
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
+#: Fields a reader converts (numbers, mappings): a record whose value has another type is invalid.
+RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,),
+    "status": (str,),
+    "method": (str,),
+    "dataset": (str,),
+    "suite": (str,),
+    "variant": (str,),
+    "finished_at": (str,),
+    "sparsity": (int, float),
+    "seed": (int,),
+    "config": (dict,),
+    "protocol": (dict,),
+    "metrics": (dict,),
+    "training": (dict,),
+    "base": (dict,),
+    "method_info": (dict,),
+    "paths": (dict,),
+}
+
+_UMASK_GUARD = threading.Lock()
 
 
 def utc_now() -> str:
@@ -46,11 +69,23 @@ def new_run_id(method: str, dataset: str, sparsity: float, seed: int) -> str:
     return f"{stamp}-{dataset}-{method}-s{sparsity:g}-seed{seed}-{uuid.uuid4().hex[:6]}"
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so briefly, under a lock)."""
+    with _UMASK_GUARD:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename: readers never see half a file."""
+    """Write via a temp file in the same folder and rename: readers never see half a file.
+
+    ``mkstemp`` creates its file mode 0600; the result gets the mode a plain ``open`` would give
+    (0666 less the umask, so 0644 usually), like the samples and plots beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -86,15 +121,55 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` cannot be used (not a JSON object, a field of the wrong type), or None."""
+    if not isinstance(record, dict):
+        return f"holds a JSON {type(record).__name__}, not an object"
+    for name, types in RECORD_FIELD_TYPES.items():
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            allowed = " or ".join(t.__name__ for t in types)
+            return f"field {name!r} is {value!r}, not {allowed}"
+    return None
+
+
+def warn_skipped(path: str | Path, reason: str) -> None:
+    """The one line a reader prints for a record it cannot use: it never stops, and never hides one."""
+    warn(f"skipping record {path}: {reason}")
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (plain print: logging setups of other libraries never hide it)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path``, or None (with one warning line naming the file) when it is unusable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        warn_skipped(path, f"unreadable ({type(error).__name__}: {error})")
+        return None
+    except json.JSONDecodeError as error:
+        warn_skipped(path, f"not valid JSON ({error})")
+        return None
+    problem = record_problem(record)
+    if problem is not None:
+        warn_skipped(path, problem)
+        return None
+    return record
+
+
 def iter_records(results_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every readable record under ``results_dir`` (unreadable files are skipped, not fatal)."""
+    """Every valid record under ``results_dir``; an unreadable or invalid one is skipped with a warning."""
     root = Path(results_dir)
     if not root.is_dir():
         return
     for path in sorted(root.rglob(RECORD_NAME)):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        record = read_record(path)
+        if record is None:
             continue
         record.setdefault("paths", {})["record"] = str(path)
         yield record
@@ -102,3 +177,21 @@ def iter_records(results_dir: str | Path) -> Iterator[dict[str, Any]]:
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     return list(iter_records(results_dir))
+
+
+def ensure_writable(folder: str | Path, what: str, option: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any work starts.
+
+    Raises :class:`BenchError` naming the folder and the option that chose it, so a read-only or
+    misplaced results folder is a one-line usage error instead of a traceback after the run."""
+    from diffprune_bench.errors import BenchError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise BenchError(f"cannot write {what} to {str(folder)!r} ({reason}); choose a writable {option}") from None
+    return folder

@@ -49,7 +49,7 @@ def test_dense_run_writes_a_complete_record(tiny_config):
     assert on_disk["protocol"]["sampler"]["steps"] == 4 and on_disk["protocol"]["fid_floor"] >= 0
     assert on_disk["base"]["hash"] and on_disk["training"]["optimizer_steps"] == 30
     assert (run_dir / "samples.png").stat().st_size > 0 and (run_dir / "config.yaml").is_file()
-    assert (run_dir / "model" / "config.json").is_file()
+    assert (run_dir / "model" / "unet" / "config.json").is_file() and (run_dir / "model" / "model_index.json").is_file()
 
 
 def test_second_run_reuses_the_cached_base(tiny_config, monkeypatch):

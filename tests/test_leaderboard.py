@@ -261,6 +261,7 @@ def test_leaderboard_cli(records_dir, tmp_path):
 
 
 def test_empty_results_give_an_empty_leaderboard(tmp_path):
+    (tmp_path / "nothing").mkdir()  # an existing folder with no records (a missing one is a usage error)
     written = lb.write_leaderboard(tmp_path / "nothing", tmp_path / "out")
     assert "No successful records yet." in written["markdown"].read_text()
     assert written["plots"] == {}

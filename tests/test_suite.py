@@ -105,7 +105,7 @@ class FakeRun:
         ({"options": {"sparsity": 0.3}}, "option 'sparsity' cannot be set in options"),
         ({"options": {"warp_speed": 9}}, "unknown option 'warp_speed'"),
         ({"options": {"num_samples": 0}}, "num-samples 0 must be a positive integer"),
-        ({"options": {"lr": "fast"}}, "bad option value"),
+        ({"options": {"lr": "fast"}}, "lr 'fast' must be a number"),
         ({"method_params": {"rigl-ish": {"a": 1}}}, "method_params names 'rigl-ish'"),
         ({"method_params": {"toy-method": {"nope": 1}}}, "unknown parameter(s) nope for method 'toy-method'"),
     ],

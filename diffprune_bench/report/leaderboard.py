@@ -18,9 +18,10 @@ from typing import Any
 
 import pandas as pd
 
+from diffprune_bench.errors import BenchError
 from diffprune_bench.report.compare import TARGET_TOLERANCE, FeatureStore, add_comparisons
 from diffprune_bench.report.stats import STATISTICS_NOTE
-from diffprune_bench.results import atomic_write_text, load_records
+from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
 
 BASELINE_FAMILY = "dense"
 #: The columns that define a table: rows that differ in any of them are never compared.
@@ -295,6 +296,7 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Lea
     """Group and aggregate ``records`` (only those of ``suites`` when given)."""
     if suites:
         records = [r for r in records if r.get("suite") in suites]
+    records = convertible_records(records)
     runs = runs_frame(records)
     groups: list[Group] = []
     if not runs.empty:
@@ -310,6 +312,21 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Lea
             groups.append(Group(key=key, table=compared, runs=group_runs, slug=""))
     _assign_slugs(groups)
     return Leaderboard(groups=groups, failed=failed_frame(records), records=len(records))
+
+
+def convertible_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records whose fields convert to a row; any other is skipped with one warning line naming its
+    file (a hand-edited ``"sparsity": "half"`` must not take the whole leaderboard down, nor vanish)."""
+    usable = []
+    for record in records:
+        try:
+            _row(record)
+        except (TypeError, ValueError, AttributeError) as error:
+            where = (record.get("paths") or {}).get("record") or record.get("run_id")
+            warn_skipped(where, f"a field does not convert ({type(error).__name__}: {error})")
+            continue
+        usable.append(record)
+    return usable
 
 
 def _assign_slugs(groups: list[Group]) -> None:
@@ -501,8 +518,10 @@ def write_leaderboard(
     results_dir: str | Path, out_dir: str | Path, suites: list[str] | None = None, with_plots: bool = True
 ) -> dict[str, Any]:
     """Read every record under ``results_dir`` and write leaderboard.md/.csv (and plots/) to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not Path(results_dir).is_dir():  # an empty table would overwrite the committed leaderboard
+        raise BenchError(f"results folder {str(results_dir)!r} does not exist; pass the folder holding the "
+                         "run folders with --results-dir")
+    out = ensure_writable(out_dir, "the leaderboard", "--out")
     board = build(load_records(results_dir), suites)
     plot_paths: dict[str, list[str]] = {}
     if with_plots:

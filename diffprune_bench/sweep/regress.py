@@ -147,7 +147,48 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
         raise BenchError(
             f"baseline file {str(path)!r} has an unknown format; rewrite it with --update-baseline"
         )
+    problem = baseline_problem(baseline)
+    if problem is not None:
+        raise BenchError(f"baseline file {str(path)!r} is malformed: {problem}; rewrite it with --update-baseline")
     return baseline
+
+
+_NUMBER = (int, float)
+#: (field, allowed types, required) of every baseline entry, as :func:`make_baseline` writes them.
+ENTRY_FIELDS: tuple[tuple[str, tuple[type, ...], bool], ...] = (
+    ("dataset", (str,), True),
+    ("method", (str,), True),
+    ("sparsity", _NUMBER, True),
+    ("mean", _NUMBER, True),
+    ("tolerance", _NUMBER, True),
+    ("variant", (str, type(None)), False),
+    ("trained_sparsity", _NUMBER, False),
+    ("std", (*_NUMBER, type(None)), False),
+    ("fid_by_seed", (dict,), False),
+)
+
+
+def baseline_problem(baseline: dict[str, Any]) -> str | None:
+    """What is wrong with a baseline document, or None: checked before the suite runs, not after."""
+    for name, kind in (("options", dict), ("method_params", dict), ("protocol", dict), ("entries", list)):
+        value = baseline.get(name)
+        if value is not None and not isinstance(value, kind):
+            return f"{name!r} is {type(value).__name__}, not {'a mapping' if kind is dict else 'a list'}"
+    for index, entry in enumerate(baseline.get("entries") or []):
+        if not isinstance(entry, dict):
+            return f"entry {index} is {type(entry).__name__}, not a mapping"
+        for name, kinds, required in ENTRY_FIELDS:
+            if name not in entry:
+                if required:
+                    return f"entry {index} has no {name!r}"
+                continue
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                return f"entry {index} field {name!r} is {value!r}, of the wrong type"
+        fids = entry.get("fid_by_seed") or {}
+        if any(isinstance(v, bool) or not isinstance(v, _NUMBER) for v in fids.values()):
+            return f"entry {index} field 'fid_by_seed' holds a value that is not a number"
+    return None
 
 
 def check_compatible(suite: Suite, baseline: dict[str, Any], path: str | Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from diffprune_bench.config import RunConfig, config_fields, make_config, yaml_load
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import build_params, get_method_class
-from diffprune_bench.results import RECORD_NAME, load_records, utc_now, write_record
+from diffprune_bench.results import RECORD_NAME, ensure_writable, load_records, record_problem, utc_now, write_record
 from diffprune_bench.rundir import RunDirBusy, RunDirClaim
 
 SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params",
@@ -48,6 +48,7 @@ BOOKKEEPING_FIELDS = (
     "num_workers",
     "device",
     "checkpoint_every",
+    "checkpoint_every_s",
 )
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_RESULTS_DIR = "results/runs"
@@ -434,6 +435,8 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
+    from diffprune_bench.progress import progress_bar
+
     overrides = dict(overrides or {})
     bad = sorted(set(overrides) - set(BOOKKEEPING_FIELDS))
     if bad:
@@ -450,6 +453,8 @@ def sweep(
     pending = []
     for cell, cfg in configs:
         (result.skipped if cell_done(records, suite, cell) else pending).append((cell, cfg))
+    if not dry_run:  # one line now, not a traceback per cell
+        ensure_writable(results_dir, "run records", "--results-dir")
     write = log or tqdm.write
     write(
         f"suite {suite.name}: {len(configs)} cells, {len(result.skipped)} already done, "
@@ -460,7 +465,7 @@ def sweep(
             write(f"  to run: {cell.label()}")
         return result
 
-    bar = tqdm(
+    bar = progress_bar(
         total=len(configs),
         initial=len(result.skipped),
         desc=f"suite {suite.name}",
@@ -536,7 +541,7 @@ def finished_fid(run_dir: Path) -> float | None:
         record = json.loads((run_dir / RECORD_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if record.get("status") != "ok" or not is_primary(record):
+    if record_problem(record) is not None or record.get("status") != "ok" or not is_primary(record):
         return None
     fid = (record.get("metrics") or {}).get("fid")
     return float(fid) if isinstance(fid, (int, float)) else math.nan
@@ -619,7 +624,8 @@ def _ensure_failed_record(cfg: RunConfig, reason: str) -> None:
     path = run_dir / RECORD_NAME
     if path.is_file():
         try:
-            if json.loads(path.read_text()).get("status") == "failed":
+            existing = json.loads(path.read_text())
+            if isinstance(existing, dict) and existing.get("status") == "failed":
                 return
         except (OSError, json.JSONDecodeError):
             pass

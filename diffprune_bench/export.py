@@ -1,0 +1,64 @@
+"""Exported models that plain diffusers loads: every run's ``model/`` is a ``DDIMPipeline`` folder.
+
+Layout (diffusers' own pipeline layout, so ``DiffusionPipeline.from_pretrained`` reads it)::
+
+    model/model_index.json                     DDIMPipeline: unet + scheduler
+    model/scheduler/scheduler_config.json      the run's DDIM sampler (training betas, clip, spacing)
+    model/unet/config.json, *.safetensors      the UNet; masks and N:M patterns are baked into the weights
+    model/unet/pruned_unet.py                  structurally pruned UNets only: the model class
+
+A dense, masked or N:M model is a stock ``UNet2DModel``. A structurally pruned one has per-layer
+widths that ``UNet2DModel``'s config cannot express, so its class ships beside its weights as
+diffusers custom-component code (``model_index.json`` names ``["pruned_unet", "PrunedUNet2DModel"]``),
+loaded with ``trust_remote_code=True``; that file imports only torch and diffusers. The DDIM paper's
+``quad`` spacing is not a ``DDIMScheduler`` option, so such runs export the scheduler with ``leading``
+spacing (the pipeline then samples with diffusers' spacing, not the record's).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import diffusers
+from diffusers import UNet2DModel
+from torch import nn
+
+from diffprune_bench import portable_unet
+from diffprune_bench.diffusion import make_sampler_scheduler
+from diffprune_bench.results import atomic_write_text
+
+PIPELINE_CLASS = "DDIMPipeline"
+PORTABLE_MODULE = "pruned_unet"  # the file name of the shipped class (without .py)
+PORTABLE_CLASS = "PrunedUNet2DModel"
+
+
+def unet_component(model: nn.Module) -> list[str]:
+    """``[library or module file, class]`` of the UNet as ``model_index.json`` names it."""
+    if "channel_plan" in getattr(model, "config", {}):
+        return [PORTABLE_MODULE, PORTABLE_CLASS]
+    if type(model) is UNet2DModel:
+        return ["diffusers", "UNet2DModel"]
+    raise TypeError(f"cannot export a {type(model).__name__} as a diffusers pipeline")
+
+
+def export_pipeline(model: nn.Module, folder: str | Path, sample_steps: int, spacing: str) -> dict[str, str]:
+    """Write ``model`` and the run's sampler to ``folder`` in the pipeline layout; returns the paths
+    a record keeps (``model``: the UNet folder, ``pipeline``: the whole folder)."""
+    folder = Path(folder)
+    component = unet_component(model)
+    unet_dir = folder / "unet"
+    model.save_pretrained(unet_dir)
+    if component[0] == PORTABLE_MODULE:
+        shutil.copyfile(portable_unet.__file__, unet_dir / f"{PORTABLE_MODULE}.py")
+    scheduler, _ = make_sampler_scheduler(sample_steps, spacing)  # quad: leading (see the module docstring)
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": PIPELINE_CLASS,
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "unet": component,
+    }
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+    return {"model": str(unet_dir), "pipeline": str(folder)}
