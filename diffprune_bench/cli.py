@@ -256,9 +256,8 @@ def leaderboard(
                f"{plot_files} plot files")
     if site:
         from diffprune_bench.report.site import write_site
-        from diffprune_bench.results import load_records
 
-        index = write_site(board, load_records(results_dir), Path(out) / "site")
+        index = write_site(board, written["records"], Path(out) / "site")
         typer.echo(f"site: {index} ({index.stat().st_size:,} bytes)")
 
 

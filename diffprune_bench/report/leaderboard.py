@@ -522,7 +522,8 @@ def write_leaderboard(
         raise BenchError(f"results folder {str(results_dir)!r} does not exist; pass the folder holding the "
                          "run folders with --results-dir")
     out = ensure_writable(out_dir, "the leaderboard", "--out")
-    board = build(load_records(results_dir), suites)
+    records = load_records(results_dir)  # read once: every unreadable file is warned about once
+    board = build(records, suites)
     plot_paths: dict[str, list[str]] = {}
     if with_plots:
         from diffprune_bench.report.plots import write_plots
@@ -536,4 +537,4 @@ def write_leaderboard(
     text = render_markdown(board, plot_paths) + "\n" + pareto.markdown_section(board, pareto_plots)
     atomic_write_text(markdown, text)
     atomic_write_text(csv, csv_frame(board).to_csv(index=False))
-    return {"board": board, "markdown": markdown, "csv": csv, "plots": plot_paths}
+    return {"board": board, "records": records, "markdown": markdown, "csv": csv, "plots": plot_paths}
