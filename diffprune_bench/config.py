@@ -102,7 +102,7 @@ class RunConfig:
         """Raise :class:`BenchError` naming the first bad value and what is allowed."""
         from diffprune_bench.data import dataset_names
         from diffprune_bench.models import preset_names
-        from diffprune_bench.registry import get_method_class
+        from diffprune_bench.registry import create_method, get_method_class
 
         get_method_class(self.method)
         if self.dataset not in dataset_names():
@@ -144,6 +144,7 @@ class RunConfig:
                 )
         if not isinstance(self.method_params, dict):
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
+        create_method(self.method, self.method_params, sparsity=self.sparsity)  # every method check, before any work
         return self
 
     def to_dict(self) -> dict[str, Any]:

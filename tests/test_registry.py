@@ -44,7 +44,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
         assert "thirdparty-identity" in registry.method_names()
         assert registry.get_method_class("thirdparty-identity").family == "structured"
     finally:
-        registry._METHODS.pop("thirdparty-identity", None)
+        registry.METHODS.pop("thirdparty-identity", None)
         sys.modules.pop("thirdparty_method", None)
 
 
@@ -73,4 +73,4 @@ def test_params_overrides_are_checked():
         with pytest.raises(BenchError, match="beta"):
             registry.create_method("test-params", {"beta": 1})
     finally:
-        registry._METHODS.pop("test-params", None)
+        registry.METHODS.pop("test-params", None)

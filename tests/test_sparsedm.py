@@ -24,9 +24,9 @@ from diffprune_bench.trainer import CHECKPOINT_NAME, Trainer
 SHAPE = (1, 8, 8)
 
 
-def _context(tiny_config, steps: int, sparsity: float = 0.5, teacher: nn.Module | None = None):
+def _context(tiny_config, steps: int, sparsity: float = 0.5, base: nn.Module | None = None):
     cfg = resolve_config(tiny_config(method="sparsedm", sparsity=sparsity, batch_size=8))
-    return make_context(cfg, load_dataset("digits"), torch.device("cpu"), steps, teacher=teacher)
+    return make_context(cfg, load_dataset("digits"), torch.device("cpu"), steps, base=base)
 
 
 def _weight_density(model: nn.Module, name: str) -> float:
@@ -98,11 +98,10 @@ def test_resume_continues_in_the_right_stage(tiny_config, tmp_path):
 
 def test_loss_is_eps_mse_plus_teacher_distillation(tiny_config):
     base = build_model("tiny", seed=0)
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
     x0 = torch.rand(4, *SHAPE) * 2 - 1
 
     def loss_with(params, model_seed_step: int):
-        ctx = _context(tiny_config, steps=10, teacher=teacher)
+        ctx = _context(tiny_config, steps=10, base=base)
         method = create_method("sparsedm", params)
         model = method.prepare(copy.deepcopy(base), ctx)
         method.step = model_seed_step

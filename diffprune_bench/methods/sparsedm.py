@@ -122,6 +122,11 @@ class SparseDM(Method):
         self.starts: list[int] = []
         self.step = 0
 
+    def validate(self, sparsity: float | None) -> None:
+        """The stages must end at the pattern ``--sparsity`` names (checked before any training)."""
+        if sparsity is not None:
+            self._resolve_stages(sparsity)
+
     # ------------------------------------------------------------ training
     def _resolve_stages(self, sparsity: float) -> tuple[NMPattern, list[NMPattern], list[float]]:
         p: SparseDMParams = self.params
