@@ -86,7 +86,6 @@ def run(
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
     from diffprune_bench.config import load_yaml, make_config, parse_param_overrides
-    from diffprune_bench.harness import run as run_harness
 
     values: dict[str, Any] = load_yaml(config) if config else {}
     values.update(_cli_values(
@@ -101,7 +100,9 @@ def run(
     ))
     if param:
         values["method_params"] = {**values.get("method_params", {}), **parse_param_overrides(param)}
-    cfg = make_config(values)
+    cfg = make_config(values)  # every option and method parameter checked before the heavy imports
+    from diffprune_bench.harness import run as run_harness
+
     try:
         records = run_harness(cfg)
     except BenchError:
