@@ -264,10 +264,10 @@ def regress(
     typer.echo(format_table(outcome.comparisons))
     if outcome.updated:
         typer.echo(f"baseline written: {baseline}")
-    bad = [c for c in outcome.comparisons if c.failed]
-    if bad:
-        typer.echo(f"regression check failed: {len(bad)} row(s) regressed, failed or missing", err=True)
-        raise typer.Exit(code=1)
+    if outcome.exit_code:
+        bad = sum(c.failed for c in outcome.comparisons)
+        typer.echo(f"regression check failed: {bad} row(s) regressed, failed or missing", err=True)
+        raise typer.Exit(code=outcome.exit_code)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -74,3 +74,24 @@ def test_params_overrides_are_checked():
             registry.create_method("test-params", {"beta": 1})
     finally:
         registry.METHODS.pop("test-params", None)
+
+
+def test_registry_temporary_restores_what_was_there():
+    from diffprune_bench.data import DATASETS, dataset_names
+    from diffprune_bench.models import PRESETS
+
+    original = PRESETS["tiny"]
+    with PRESETS.temporary("tiny", {"sample_size": 4}):
+        assert PRESETS.lookup("tiny") == {"sample_size": 4}
+    assert PRESETS["tiny"] is original
+    with DATASETS.temporary("toy-data", DATASETS["digits"]):
+        assert "toy-data" in dataset_names()
+    assert "toy-data" not in dataset_names()
+    with pytest.raises(BenchError, match=r"unknown preset 'nope'; available: .*tiny"):
+        PRESETS.lookup("nope")
+
+
+def test_methods_registry_discovers_before_lookup():
+    assert registry.METHODS.lookup("rigl").name == "rigl"
+    with pytest.raises(BenchError, match="unknown method 'nope'"):
+        registry.METHODS.lookup("nope")

@@ -50,9 +50,9 @@ def test_params_are_validated_and_normalised():
     method = create_method("sparsedm", {"stages": [244, "3:4", [2, 4]], "inference_patterns": ["2:8", 124]})
     assert method.params.stages == ["4:4", "3:4", "2:4"]  # YAML's base-60 reading of 4:4 is undone
     assert method.params.inference_patterns == ["2:8", "2:4"]
-    assert create_method("sparsedm", {"keep_dense": "conv_*"}).params.keep_dense == ["conv_*"]
+    assert create_method("sparsedm", {"dense_layers": "conv_*"}).params.dense_layers == ["conv_*"]
     for bad in ({"m": 1}, {"mask_type": "blocky"}, {"w_eps": 0.0, "w_kd": 0.0}, {"stages": ["2:5:1"]},
-                {"srste_lambda": -1.0}, {"stages": []}, {"keep_dense": [3]}):
+                {"srste_lambda": -1.0}, {"stages": []}, {"dense_layers": [3]}):
         with pytest.raises(BenchError):
             create_method("sparsedm", bad)
     with pytest.raises(BenchError, match="end at 3:4"):

@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS
+from diffprune_bench.toolkit.masks import select_layers
 from diffprune_bench.toolkit.second_order import (
     SCHEDULES,
     ChannelMasks,
@@ -154,8 +154,7 @@ class GradFlow(Method):
         self.masks.install()
 
     def _prepare_weights(self, model: nn.Module, ctx: MethodContext) -> None:
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in DEFAULT_DENSE_LAYERS]
+        names = list(select_layers(model)[0])  # the default dense layers stay dense
         convs, _ = layer_macs(model, example_inputs(model))
         modules = dict(model.named_modules())
         self.macs_per_weight = {n: convs.get(n, 0.0) / modules[n].weight.numel() for n in names}

@@ -43,6 +43,27 @@ def layer_name_list(value: Any, what: str) -> list[str]:
     return list(names)
 
 
+def select_layers(
+    model: nn.Module,
+    dense_layers: Iterable[str] = DEFAULT_DENSE_LAYERS,
+    layer_types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear),
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The layers a mask may cover: every ``layer_types`` module with a weight, split into the maskable
+    ones (name -> module, in model order) and the names ``dense_layers`` (names or fnmatch globs) keep
+    dense. Every masking toolkit picks its layers here, so ``dense_layers`` means the same everywhere."""
+    patterns = tuple(dense_layers)
+    maskable: dict[str, nn.Module] = {}
+    kept: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, layer_types) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            kept.append(name)
+        else:
+            maskable[name] = module
+    return maskable, kept
+
+
 # ---------------------------------------------------------------- layer densities
 def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
     """Erdos-Renyi-Kernel densities with dense capping (RigL's ``erdos_renyi_kernel``).
@@ -133,15 +154,7 @@ class MaskManager:
         layer_types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear),
     ) -> None:
         self.dense_patterns = tuple(dense_layers)
-        self.modules: dict[str, nn.Module] = {}
-        self.excluded: list[str] = []
-        for name, module in model.named_modules():
-            if not isinstance(module, layer_types) or not isinstance(getattr(module, "weight", None), torch.Tensor):
-                continue
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.dense_patterns):
-                self.excluded.append(name)
-            else:
-                self.modules[name] = module
+        self.modules, self.excluded = select_layers(model, self.dense_patterns, layer_types)
         if not self.modules:
             raise BenchError(
                 f"no maskable Conv2d/Linear layer left after dense_layers={list(self.dense_patterns)}; "
