@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
@@ -62,6 +63,16 @@ def select_layers(
         else:
             maskable[name] = module
     return maskable, kept
+
+
+def bake_masks(modules: Iterable[nn.Module], keep_masked: bool = True) -> None:
+    """The one way a mask leaves a layer: a parametrized ``weight`` becomes a plain parameter again
+    holding the masked values (or, ``keep_masked=False``, the unmasked original), and a mask buffer
+    (:data:`MASK_BUFFER`) is dropped. What is left saves and loads as an ordinary layer."""
+    for module in modules:
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep_masked)
+        module._buffers.pop(MASK_BUFFER, None)
 
 
 # ---------------------------------------------------------------- layer densities
@@ -295,9 +306,7 @@ class MaskManager:
         """Apply the masks and drop the buffers: the model becomes a plain one with zeros in it
         (what is exported and saved; its checkpoint then loads into an unmasked model)."""
         self.apply()
-        for module in self.modules.values():
-            if MASK_BUFFER in module._buffers:
-                del module._buffers[MASK_BUFFER]
+        bake_masks(self.modules.values())
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS, select_layers
+from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS, bake_masks, select_layers
 
 #: SR-STE decay on pruned weights; SparseDM's ``Sparse``/``Sparse_NHWC`` autograd functions use 2e-4.
 SRSTE_LAMBDA = 2e-4
@@ -462,8 +462,7 @@ def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def remove_masks(model: nn.Module, keep_masked: bool = False) -> nn.Module:
     """Drop the parametrizations (in place): the dense weights stay, or the masked ones if ``keep_masked``."""
-    for module in masked_modules(model).values():
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep_masked)
+    bake_masks(masked_modules(model).values(), keep_masked)
     return model
 
 
