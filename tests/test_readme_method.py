@@ -8,6 +8,8 @@ requested sparsity as zeros in the exported weights.
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -31,9 +33,10 @@ def readme_method_source() -> str:
 
 
 @pytest.fixture
-def readme_method():
-    namespace: dict = {"__name__": "readme_example"}
-    exec(compile(readme_method_source(), str(README), "exec"), namespace)  # noqa: S102 - our own README
+def readme_method(monkeypatch):
+    module = types.ModuleType("readme_example")  # a real module: dataclasses look their module up
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(readme_method_source(), str(README), "exec"), module.__dict__)  # noqa: S102 - our README
     cls = registry.METHODS.pop(NAME)  # registered by its decorator; keep it only for this test
     with registry.METHODS.temporary(NAME, cls):
         yield cls
