@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from diffprune_bench.context import MethodContext, infinite_batches
-from diffprune_bench.diffusion import ddim_sample, initial_noise, make_noise_scheduler
+from diffprune_bench.diffusion import ddim_sample, initial_noise
 from diffprune_bench.models import build_model
-from diffprune_bench.registry import get_method_class
+from diffprune_bench.registry import Method
 from diffprune_bench.trainer import Trainer, autocast, peak_memory_mb
 
 PRESET = "ddpm-cifar10"
@@ -39,17 +39,16 @@ def synchronize(device: torch.device) -> None:
 
 def make_context(device: torch.device, batch: int, steps: int) -> MethodContext:
     images = torch.rand((max(1024, 4 * batch), *SHAPE), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return MethodContext(
-        device=device, sparsity=0.0, total_steps=steps, batch_size=batch, seed=0,
-        noise_scheduler=make_noise_scheduler(), sample_shape=SHAPE, sample_steps=100,
+    return MethodContext.synthetic(
+        SHAPE, total_steps=steps, batch_size=batch, device=device, sample_steps=100,
         batches=infinite_batches(TensorDataset(images), batch, 0, device, num_workers=0),
-        generator=torch.Generator(device=device).manual_seed(0), count_macs=lambda model: 0.0,
+        count_macs=lambda model: 0.0,
     )
 
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     model = build_model(PRESET, seed=0).to(device)
-    dense = get_method_class("dense")()
+    dense = Method()  # the base class compresses nothing: plain training
     options = {"lr": 2e-4, "ema_decay": 0.9999, "precision": args.precision,
                "channels_last": args.channels_last, "compile": args.compile}
     warm = make_context(device, args.batch, args.warmup)

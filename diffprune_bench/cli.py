@@ -91,7 +91,6 @@ def run(
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
     from diffprune_bench.config import load_yaml, make_config, parse_checkpoint_every, parse_param_overrides
-    from diffprune_bench.harness import run as run_harness
 
     values: dict[str, Any] = load_yaml(config) if config else {}
     values.update(_cli_values(
@@ -112,7 +111,9 @@ def run(
         values["then_params"] = {**values.get("then_params", {}), **parse_param_overrides(then_param)}
     if checkpoint_every is not None:
         values.update(parse_checkpoint_every(checkpoint_every))
-    cfg = make_config(values)
+    cfg = make_config(values)  # every option and method parameter checked before the heavy imports
+    from diffprune_bench.harness import run as run_harness
+
     try:
         records = run_harness(cfg)
     except BenchError:
@@ -283,10 +284,10 @@ def regress(
     typer.echo(format_table(outcome.comparisons))
     if outcome.updated:
         typer.echo(f"baseline written: {baseline}")
-    bad = [c for c in outcome.comparisons if c.failed]
-    if bad:
-        typer.echo(f"regression check failed: {len(bad)} row(s) regressed, failed or missing", err=True)
-        raise typer.Exit(code=1)
+    if outcome.exit_code:
+        bad = sum(c.failed for c in outcome.comparisons)
+        typer.echo(f"regression check failed: {bad} row(s) regressed, failed or missing", err=True)
+        raise typer.Exit(code=outcome.exit_code)
 
 
 def main() -> None:  # pragma: no cover - console entry

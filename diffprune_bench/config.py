@@ -108,7 +108,7 @@ class RunConfig:
         """Raise :class:`BenchError` naming the first bad value and what is allowed."""
         from diffprune_bench.data import dataset_names
         from diffprune_bench.models import preset_names
-        from diffprune_bench.registry import get_method_class
+        from diffprune_bench.registry import create_method, get_method_class
 
         self._check_types()
         get_method_class(self.method)
@@ -155,6 +155,7 @@ class RunConfig:
                 )
         if not isinstance(self.method_params, dict):
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
+        create_method(self.method, self.method_params, sparsity=self.sparsity)  # every method check, before any work
         self._validate_then()
         return self
 

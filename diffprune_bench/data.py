@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from diffprune_bench.errors import BenchError
+from diffprune_bench.errors import BenchError, first_line
+from diffprune_bench.registry import Registry
 
 
 @dataclass
@@ -54,22 +55,20 @@ class DatasetSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-_DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    _DATASETS[spec.name] = spec
+    DATASETS[spec.name] = spec
     return spec
 
 
 def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    if name not in _DATASETS:
-        raise BenchError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
-    return _DATASETS[name]
+    return DATASETS.lookup(name)
 
 
 def load_dataset(name: str, **kwargs: Any) -> DataBundle:
@@ -171,11 +170,6 @@ def resolve_data_root(root: str | None) -> Path:
     return Path(root or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).expanduser()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class ImageView(Dataset):
     """A dataset of PIL images seen through a transform, as ``(tensor, label)``.
 
@@ -213,7 +207,7 @@ def _download(make: Callable[[], Any], what: str, root: Path) -> None:
     try:
         make()
     except Exception as error:  # noqa: BLE001 - offline, Drive quota, no gdown, bad archive: all mean the same
-        raise BenchError(f"cannot download {what} into {root}: {_first_line(error)}") from None
+        raise BenchError(f"cannot download {what} into {root}: {first_line(error)}") from None
 
 
 def _checksum_failures(folder: Path, files: list[tuple[str, str]]) -> list[str]:

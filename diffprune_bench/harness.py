@@ -133,8 +133,10 @@ def base_cache_key(cfg: RunConfig, data: DataBundle | None = None) -> str:
 
 
 def make_context(
-    cfg: RunConfig, data: DataBundle, device: torch.device, total_steps: int, **extra: Any
+    cfg: RunConfig, data: DataBundle, device: torch.device, total_steps: int, **fields: Any
 ) -> MethodContext:
+    """The context of a run: its data, seeded generator, noise schedule and MAC counter (``fields``: the
+    optional ones, e.g. ``base``, ``score_fid``, ``progress``)."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return MethodContext(
         device=device,
@@ -148,7 +150,7 @@ def make_context(
         batches=infinite_batches(data.train, cfg.batch_size, cfg.seed, device, cfg.num_workers),
         generator=generator,
         count_macs=lambda model: float(count_macs(model, data.shape).total),
-        **extra,
+        **fields,
     )
 
 
@@ -167,13 +169,10 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
         model = UNet2DModel.from_pretrained(folder / "model").to(device).eval()
         info = json.loads((folder / "base.json").read_text())
         return BaseModel(model, {**info, "cached": True})
-    from diffprune_bench.registry import get_method_class
-
     seed_everything(cfg.seed)
     model = build_model(cfg.preset, seed=cfg.seed).to(device)
-    dense = get_method_class("dense")()
     ctx = make_context(cfg, data, device, cfg.base_steps)
-    trainer = Trainer(model, dense, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+    trainer = Trainer(model, Method(), ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                       precision=cfg.precision, description=f"train dense base ({cfg.dataset}/{cfg.preset})",
                       channels_last=cfg.channels_last, compile=cfg.compile)
     stats = trainer.train()
@@ -349,10 +348,24 @@ def _variant_dir(run_dir: Path, label: str) -> Path:
     return run_dir.with_name(f"{run_dir.name}-{safe}")
 
 
+def check_resume(cfg: RunConfig) -> None:
+    """``resume`` needs the run's training checkpoint: refuse now, before any data load or training."""
+    from diffprune_bench.trainer import CHECKPOINT_NAME
+
+    if not cfg.resume:
+        return
+    if cfg.run_id is None:
+        raise BenchError("--resume needs --run-id: the id of the run folder whose checkpoint to continue")
+    checkpoint = Path(cfg.results_dir) / cfg.run_id / "checkpoint" / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        raise BenchError(f"--resume: no checkpoint at {checkpoint}; run once without --resume")
+
+
 def run(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run one (method, dataset, sparsity, seed) cell; returns its record(s), also written to disk."""
     cfg = resolve_config(cfg.validate())
-    method: Method = create_method(cfg.method, cfg.method_params)
+    method: Method = create_method(cfg.method, cfg.method_params, sparsity=cfg.sparsity)
+    check_resume(cfg)
     dist = current_distributed()
     device = dist.setup(select_device(cfg.device))  # this rank's device when launched on several processes
     check_precision(device, cfg.precision)
@@ -378,6 +391,8 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         "method": cfg.method,
         "family": method.family,
         "init": method.init,
+        "is_baseline": method.is_baseline,
+        "takes_sparsity": method.takes_sparsity,
         "method_params": _params_dict(method),
         **({"then": cfg.then} if cfg.then else {}),
         "dataset": cfg.dataset,
@@ -428,10 +443,9 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     else:
         steps = cfg.finetune_steps if method.budget == "finetune" else scratch_budget(cfg)
         model = build_model(cfg.preset, seed=cfg.seed).to(device)
-    teacher = None
-    if method.init == "pretrained" and not (method.is_baseline or method.sampler_level):
-        teacher = copy.deepcopy(base.model).eval().requires_grad_(False)
-    ctx = make_context(cfg, data, device, steps, teacher=teacher, score_fid=evaluator and evaluator.score_fid,
+    starts_from_base = method.init == "pretrained" and not method.is_baseline  # its teacher: a lazy copy
+    ctx = make_context(cfg, data, device, steps, base=base.model if starts_from_base else None,
+                       score_fid=evaluator and evaluator.score_fid,
                        progress=lambda it, **kw: progress_bar(it, leave=False, **kw))
     model = method.prepare(model, ctx)
     if method.is_baseline:

@@ -16,9 +16,11 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from diffprune_bench.errors import BenchError
+from diffprune_bench.errors import BenchError, first_line
+from diffprune_bench.registry import Registry
 
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: Registry[dict[str, Any]] = Registry("preset")
+PRESETS.update({
     "tiny": {
         "sample_size": 8,
         "in_channels": 1,
@@ -65,30 +67,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_eps": 1e-6,
         "norm_num_groups": 32,
     },
-}
+})
 
 
 def preset_names() -> list[str]:
-    return sorted(PRESETS)
+    return PRESETS.names()
 
 
 def build_model(preset: str, seed: int | None = None) -> UNet2DModel:
     """A freshly initialised UNet of ``preset`` (seeded when ``seed`` is given)."""
-    if preset not in PRESETS:
-        raise BenchError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}")
+    config = PRESETS.lookup(preset)
     if seed is not None:
         torch.manual_seed(seed)
-    return UNet2DModel(**PRESETS[preset])
+    return UNet2DModel(**config)
 
 
 SCHEDULER_FILE = "scheduler_config.json"
 #: scheduler keys that must equal our DDPM training schedule for a checkpoint's weights to mean the same
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _local_layout(path: Path, source: str) -> str | None:
@@ -122,7 +118,7 @@ def _hub_layout(repo_id: str) -> tuple[str | None, bool, set[str]]:
         files = set(HfApi().list_repo_files(repo_id))
     except Exception as error:  # noqa: BLE001 - network, auth and not-found errors all mean: cannot load it
         raise BenchError(
-            f"base checkpoint {repo_id!r} is not a local folder and the hub cannot serve it ({_first_line(error)}): "
+            f"base checkpoint {repo_id!r} is not a local folder and the hub cannot serve it ({first_line(error)}): "
             "give a local save_pretrained folder, or a hub id when online"
         ) from None
     if "config.json" in files:
@@ -192,7 +188,7 @@ def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[U
             target, subfolder=subfolder, output_loading_info=True, local_files_only=cached
         )
     except (OSError, ValueError, RuntimeError) as error:
-        raise BenchError(f"cannot load base checkpoint {source!r}: {_first_line(error)}") from None
+        raise BenchError(f"cannot load base checkpoint {source!r}: {first_line(error)}") from None
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}"
@@ -213,11 +209,6 @@ def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[U
         "diffusers_version": model.config.get("_diffusers_version"),
     }
     return model, info
-
-
-def load_pretrained(source: str, preset: str | None = None) -> UNet2DModel:
-    """The model of :func:`load_pretrained_with_info`."""
-    return load_pretrained_with_info(source, preset)[0]
 
 
 def check_data_fits(preset: str, shape: tuple[int, int, int]) -> None:

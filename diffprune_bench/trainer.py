@@ -147,7 +147,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
-            "method": self.method.state_dict() if hasattr(self.method, "state_dict") else None,
+            "method": self.method.state_dict(),
             "generator": self.ctx.generator.get_state(),
             "cpu_rng": torch.get_rng_state(),
         }
@@ -163,7 +163,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
-        if state.get("method") is not None and hasattr(self.method, "load_state_dict"):
+        if state.get("method"):
             self.method.load_state_dict(state["method"])
         self.ctx.generator.set_state(state["generator"])
         torch.set_rng_state(state["cpu_rng"])

@@ -11,7 +11,6 @@ import torch_pruning as tp
 from torch import nn
 
 from diffprune_bench.context import MethodContext
-from diffprune_bench.diffusion import make_noise_scheduler
 from diffprune_bench.errors import BenchError
 from diffprune_bench.harness import run
 from diffprune_bench.metrics.macs import count_macs
@@ -26,7 +25,7 @@ from diffprune_bench.toolkit.second_order import (
     pruning_steps,
     select_weights_for_macs,
 )
-from diffprune_bench.toolkit.structural import PrunedUNet2DModel, random_batches
+from diffprune_bench.toolkit.structural import PrunedUNet2DModel
 
 SHAPE = (1, 8, 8)
 
@@ -137,13 +136,7 @@ def test_masked_group_norm_is_group_norm_at_ones_and_the_pruned_layer_at_binary_
 
 # ---------------------------------------------------------------- the method on a tiny UNet
 def tiny_context(total_steps: int, sparsity: float = 0.5) -> MethodContext:
-    device = torch.device("cpu")
-    return MethodContext(
-        device=device, sparsity=sparsity, total_steps=total_steps, batch_size=8, seed=0,
-        noise_scheduler=make_noise_scheduler(), sample_shape=SHAPE, sample_steps=1,
-        batches=random_batches(SHAPE, 8, 0, device), generator=torch.Generator().manual_seed(0),
-        count_macs=lambda model: float(count_macs(model, SHAPE).total),
-    )
+    return MethodContext.synthetic(SHAPE, sparsity=sparsity, total_steps=total_steps, batch_size=8)
 
 
 def test_gradflow_stage_soft_masks_then_a_smaller_graph_equal_to_the_masked_model() -> None:

@@ -77,6 +77,6 @@ def test_every_layer_exists_and_methods_hold_only_methods() -> None:
     from diffprune_bench import registry
 
     registry.discover_methods()
-    registered_modules = {cls.__module__ for cls in registry._METHODS.values()}
+    registered_modules = {cls.__module__ for cls in registry.METHODS.values()}
     files = {f"diffprune_bench.methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py") if p.stem != "__init__"}
     assert files <= registered_modules, f"modules in methods/ that register no method: {files - registered_modules}"

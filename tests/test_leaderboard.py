@@ -265,3 +265,20 @@ def test_empty_results_give_an_empty_leaderboard(tmp_path):
     written = lb.write_leaderboard(tmp_path / "nothing", tmp_path / "out")
     assert "No successful records yet." in written["markdown"].read_text()
     assert written["plots"] == {}
+
+
+def test_baseline_and_references_come_from_record_attributes_not_names():
+    """A control named anything is placed on top and used as the pretrained rows' control because its
+    record says it takes no sparsity; the baseline is the row whose record says is_baseline."""
+    base = make_record("my-base", 0.0, 0, 1.0, family="dense")
+    base.update(is_baseline=True, takes_sparsity=False, init="scratch")
+    control = make_record("my-control", 0.0, 0, 1.1, family="dense")
+    control.update(is_baseline=False, takes_sparsity=False, init="pretrained")
+    pruned = make_record("magnitude", 0.5, 0, 2.0)
+    pruned.update(is_baseline=False, takes_sparsity=True, init="pretrained")
+    table = lb.build([pruned, control, base]).groups[0].table
+    assert list(table["method"]) == ["my-base", "my-control", "magnitude"]
+    controls = dict(zip(table["method"], table["control"], strict=True))
+    assert controls == {"my-base": "", "my-control": "my-base", "magnitude": "my-control"}
+    assert lb.method_traits({"method": "dense"}) == (True, False)  # old records: the registered class
+    assert lb.method_traits({"method": "not-registered"}) == (False, True)

@@ -107,7 +107,7 @@ def test_parametrized_linear_backward_is_srste():
     torch.manual_seed(4)
     layer = nn.Linear(8, 3)
     holder = nn.Sequential(layer)
-    attach_masks(holder, MaskController(NMPattern(2, 4), lam=0.5), keep_dense=[])
+    attach_masks(holder, MaskController(NMPattern(2, 4), lam=0.5), dense_layers=[])
     x = torch.randn(5, 8)
     original = layer.parametrizations.weight.original
     mask = nm_mask(original, 2, 4)
@@ -134,7 +134,7 @@ def test_all_layers_share_one_srste_node_and_a_spent_node_is_rebuilt():
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh())
     layers = nn.Sequential(model[0], model[2])
-    attach_masks(model, MaskController(NMPattern(2, 4), lam=0.25), keep_dense=[])
+    attach_masks(model, MaskController(NMPattern(2, 4), lam=0.25), dense_layers=[])
     x = torch.randn(5, 8)
     nodes = {model[0].weight.grad_fn, model[2].weight.grad_fn}
     assert len(nodes) == 1 and type(nodes.pop()).__name__ == "SRSTEAllBackward"
@@ -156,7 +156,7 @@ def test_training_steps_free_their_graphs_and_reuse_the_mask_buffers():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     controller = MaskController(NMPattern(2, 4))
-    attach_masks(model, controller, keep_dense=[])
+    attach_masks(model, controller, dense_layers=[])
     original = model[0].parametrizations.weight.original
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     x = torch.randn(5, 8)
@@ -190,7 +190,7 @@ def test_training_steps_free_their_graphs_and_reuse_the_mask_buffers():
 def test_mask_follows_the_dense_weight_at_every_forward():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 2, bias=False))
-    attach_masks(model, MaskController(NMPattern(1, 4)), keep_dense=[])
+    attach_masks(model, MaskController(NMPattern(1, 4)), dense_layers=[])
     original = model[0].parametrizations.weight.original
     pruned_before = model[0].weight[0] == 0
     position = int(pruned_before.nonzero()[0])
@@ -202,9 +202,9 @@ def test_mask_follows_the_dense_weight_at_every_forward():
 
 def test_dense_kept_layers_are_listed_and_untouched():
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Conv2d(8, 4, 3), nn.Conv2d(3, 8, 1))
-    plan = attach_masks(model, MaskController(NMPattern(2, 4)), keep_dense=["3"])
+    plan = attach_masks(model, MaskController(NMPattern(2, 4)), dense_layers=["3"])
     assert plan.masked == ["1", "2"]
-    assert plan.dense_kept == {"0": "input dim 6 is not a multiple of M=4", "3": "kept dense by keep_dense"}
+    assert plan.dense_kept == {"0": "input dim 6 is not a multiple of M=4", "3": "kept dense by dense_layers"}
     assert sorted(masked_modules(model)) == ["1", "2"]
     assert (model[0].weight != 0).all() and (model[3].weight != 0).all()
     assert (nonzeros_per_group(model[2].weight, 4) == 2).all()
@@ -214,10 +214,10 @@ def test_remove_masks_keeps_dense_or_masked_weights():
     torch.manual_seed(6)
     holder = nn.Sequential(nn.Linear(8, 4))
     reference = holder[0].weight.detach().clone()
-    attach_masks(holder, MaskController(NMPattern(2, 4)), keep_dense=[])
+    attach_masks(holder, MaskController(NMPattern(2, 4)), dense_layers=[])
     remove_masks(holder)
     assert type(holder[0]) is nn.Linear and torch.equal(holder[0].weight, reference)
-    attach_masks(holder, MaskController(NMPattern(2, 4)), keep_dense=[])
+    attach_masks(holder, MaskController(NMPattern(2, 4)), dense_layers=[])
     remove_masks(holder, keep_masked=True)
     assert torch.equal(holder[0].weight, reference * nm_mask(reference, 2, 4))
 
@@ -238,13 +238,13 @@ def test_apply_fixed_masks_switches_patterns():
     model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Linear(8, 8), nn.Linear(6, 4))
     for pattern, density in (("1:4", 0.25), ("3:4", 0.75), ("2:8", 0.25)):
         variant = copy.deepcopy(model)
-        plan = apply_fixed_masks(variant, parse_pattern(pattern), keep_dense=[])
+        plan = apply_fixed_masks(variant, parse_pattern(pattern), dense_layers=[])
         assert plan.masked == ["0", "1"] and "2" in plan.dense_kept
         for name in plan.masked:
             weight = dict(variant.named_modules())[name].weight
             assert float((weight != 0).float().mean()) == pytest.approx(density)
     unstructured = nn.Sequential(nn.Linear(8, 8), nn.Linear(6, 4))
-    plan = apply_fixed_masks(unstructured, parse_pattern("1:4"), keep_dense=[], mask_type="unstructured")
+    plan = apply_fixed_masks(unstructured, parse_pattern("1:4"), dense_layers=[], mask_type="unstructured")
     assert plan.masked == ["0", "1"]  # no group constraint for the unstructured variant
     nonzero = sum(int((m.weight != 0).sum()) for m in unstructured)
     assert nonzero == round(0.25 * (64 + 24))

@@ -44,7 +44,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
         assert "thirdparty-identity" in registry.method_names()
         assert registry.get_method_class("thirdparty-identity").family == "structured"
     finally:
-        registry._METHODS.pop("thirdparty-identity", None)
+        registry.METHODS.pop("thirdparty-identity", None)
         sys.modules.pop("thirdparty_method", None)
 
 
@@ -73,4 +73,25 @@ def test_params_overrides_are_checked():
         with pytest.raises(BenchError, match="beta"):
             registry.create_method("test-params", {"beta": 1})
     finally:
-        registry._METHODS.pop("test-params", None)
+        registry.METHODS.pop("test-params", None)
+
+
+def test_registry_temporary_restores_what_was_there():
+    from diffprune_bench.data import DATASETS, dataset_names
+    from diffprune_bench.models import PRESETS
+
+    original = PRESETS["tiny"]
+    with PRESETS.temporary("tiny", {"sample_size": 4}):
+        assert PRESETS.lookup("tiny") == {"sample_size": 4}
+    assert PRESETS["tiny"] is original
+    with DATASETS.temporary("toy-data", DATASETS["digits"]):
+        assert "toy-data" in dataset_names()
+    assert "toy-data" not in dataset_names()
+    with pytest.raises(BenchError, match=r"unknown preset 'nope'; available: .*tiny"):
+        PRESETS.lookup("nope")
+
+
+def test_methods_registry_discovers_before_lookup():
+    assert registry.METHODS.lookup("rigl").name == "rigl"
+    with pytest.raises(BenchError, match="unknown method 'nope'"):
+        registry.METHODS.lookup("nope")

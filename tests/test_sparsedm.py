@@ -24,9 +24,9 @@ from diffprune_bench.trainer import CHECKPOINT_NAME, Trainer
 SHAPE = (1, 8, 8)
 
 
-def _context(tiny_config, steps: int, sparsity: float = 0.5, teacher: nn.Module | None = None):
+def _context(tiny_config, steps: int, sparsity: float = 0.5, base: nn.Module | None = None):
     cfg = resolve_config(tiny_config(method="sparsedm", sparsity=sparsity, batch_size=8))
-    return make_context(cfg, load_dataset("digits"), torch.device("cpu"), steps, teacher=teacher)
+    return make_context(cfg, load_dataset("digits"), torch.device("cpu"), steps, base=base)
 
 
 def _weight_density(model: nn.Module, name: str) -> float:
@@ -50,9 +50,9 @@ def test_params_are_validated_and_normalised():
     method = create_method("sparsedm", {"stages": [244, "3:4", [2, 4]], "inference_patterns": ["2:8", 124]})
     assert method.params.stages == ["4:4", "3:4", "2:4"]  # YAML's base-60 reading of 4:4 is undone
     assert method.params.inference_patterns == ["2:8", "2:4"]
-    assert create_method("sparsedm", {"keep_dense": "conv_*"}).params.keep_dense == ["conv_*"]
+    assert create_method("sparsedm", {"dense_layers": "conv_*"}).params.dense_layers == ["conv_*"]
     for bad in ({"m": 1}, {"mask_type": "blocky"}, {"w_eps": 0.0, "w_kd": 0.0}, {"stages": ["2:5:1"]},
-                {"srste_lambda": -1.0}, {"stages": []}, {"keep_dense": [3]}):
+                {"srste_lambda": -1.0}, {"stages": []}, {"dense_layers": [3]}):
         with pytest.raises(BenchError):
             create_method("sparsedm", bad)
     with pytest.raises(BenchError, match="end at 3:4"):
@@ -98,11 +98,10 @@ def test_resume_continues_in_the_right_stage(tiny_config, tmp_path):
 
 def test_loss_is_eps_mse_plus_teacher_distillation(tiny_config):
     base = build_model("tiny", seed=0)
-    teacher = copy.deepcopy(base).eval().requires_grad_(False)
     x0 = torch.rand(4, *SHAPE) * 2 - 1
 
     def loss_with(params, model_seed_step: int):
-        ctx = _context(tiny_config, steps=10, teacher=teacher)
+        ctx = _context(tiny_config, steps=10, base=base)
         method = create_method("sparsedm", params)
         model = method.prepare(copy.deepcopy(base), ctx)
         method.step = model_seed_step

@@ -32,11 +32,11 @@ class Toy(registry.Method):
 
 
 @pytest.fixture
-def toy_method(monkeypatch):
+def toy_method():
     registry.discover_methods()
     Toy.name = "toy-method"
-    monkeypatch.setitem(registry._METHODS, "toy-method", Toy)
-    return "toy-method"
+    with registry.METHODS.temporary("toy-method", Toy):
+        yield "toy-method"
 
 
 def suite_data(**changes) -> dict:
@@ -136,8 +136,31 @@ def test_methods_all_picks_up_every_registered_method_but_runs_dense_once(toy_me
     cells = suite.cells()
     dense = [c for c in cells if c.method == "dense"]
     assert dense == [Cell("digits", "dense", 0.0, 0), Cell("digits", "dense", 0.0, 1)]
-    assert len(cells) == 2 * (1 + len(suite.methods) * 2)
+    references = [m for m in suite.methods if not registry.get_method_class(m).takes_sparsity]
+    assert {"dense-ft", "dense-scratch"} <= set(references)
+    assert len(cells) == 2 * (1 + len(references) + (len(suite.methods) - len(references)) * 2)
     assert cells[0].method == "dense"  # the baseline (and the cached base it trains) comes first
+
+
+class ToyReference(registry.Method):
+    """A control that compresses nothing: found by its attribute, whatever its name."""
+
+    family = "dense"
+    init = "pretrained"
+    takes_sparsity = False
+
+
+def test_reference_methods_run_once_per_seed_at_sparsity_zero(toy_method):
+    ToyReference.name = "toy-reference"
+    with registry.METHODS.temporary("toy-reference", ToyReference):
+        suite = parse_suite(suite_data(methods=["toy-reference", toy_method]))
+        cells = suite.cells()
+        assert [c for c in cells if c.method == "toy-reference"] == [
+            Cell("digits", "toy-reference", 0.0, 0), Cell("digits", "toy-reference", 0.0, 1)]
+        assert sorted({c.sparsity for c in cells if c.method == toy_method}) == [0.25, 0.5]
+        with pytest.raises(BenchError, match="toy-reference.*sparsity 0 only, not 0.5"):
+            suite.cell_config(Cell("digits", "toy-reference", 0.5, 0))
+    assert "toy-reference" not in registry.METHODS  # the temporary registration is gone
 
 
 def test_cell_config_carries_suite_options_and_method_params(toy_method):

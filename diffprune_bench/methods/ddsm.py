@@ -218,7 +218,7 @@ class DDSM(Method):
         self.sandwich_counts: dict[str, int] = {str(w): 0 for w in MIDDLE_WIDTHS}
         self.width_macs: dict[float, float] = {}
 
-    def _validate(self) -> None:
+    def validate(self, sparsity: float | None) -> None:
         p = self.params
         if p.objective not in OBJECTIVES:
             raise BenchError(f"ddsm objective {p.objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -234,7 +234,6 @@ class DDSM(Method):
             raise BenchError("ddsm fid_weight and macs_weight must be non-negative")
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        self._validate()
         if self.params.from_scratch:
             torch.manual_seed(ctx.seed)
             fresh = UNet2DModel.from_config(model.config)

@@ -12,3 +12,4 @@ class Dense(Method):
     init = "scratch"
     description = "No compression: the dense base model (the baseline row)."
     is_baseline = True
+    takes_sparsity = False

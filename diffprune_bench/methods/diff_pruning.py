@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import register_method
 from diffprune_bench.toolkit.structural import StructuredParams, StructuredPruningMethod, taylor_importance
@@ -59,7 +60,7 @@ def informative_timesteps(losses: Iterable[float], threshold: float) -> list[int
 
 
 def accumulate_informative_gradients(
-    model: nn.Module, ctx: Any, threshold: float, max_timesteps: int | None
+    model: nn.Module, ctx: MethodContext, threshold: float, max_timesteps: int | None
 ) -> list[float]:
     """Walk t = 0, 1, ... on one fixed batch and noise, summing dL_t/dw of the informative steps into
     ``.grad`` (the rule of :func:`informative_timesteps`). Returns the losses of the steps used."""
@@ -90,12 +91,16 @@ class DiffPruning(StructuredPruningMethod):
     criterion = "taylor |w*g|, informative timesteps"
     Params = DiffPruningParams
 
-    def importance(self, model: nn.Module, ctx: Any) -> Any:
+    def validate(self, sparsity: float | None) -> None:
+        super().validate(sparsity)
         threshold, cap = self.params.threshold, self.params.max_timesteps
         if not 0.0 <= threshold < 1.0:
             raise BenchError(f"threshold {threshold!r} is outside [0, 1)")
         if cap is not None and cap < 1:
             raise BenchError(f"max_timesteps {cap!r} must be a positive integer or None")
+
+    def importance(self, model: nn.Module, ctx: MethodContext) -> Any:
+        threshold, cap = self.params.threshold, self.params.max_timesteps
         with torch.enable_grad():
             used = accumulate_informative_gradients(model, ctx, threshold, cap)
         self.info = {"threshold": threshold, "timesteps_used": len(used),

@@ -43,9 +43,10 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS
+from diffprune_bench.toolkit.masks import select_layers
 from diffprune_bench.toolkit.second_order import (
     SCHEDULES,
     ChannelMasks,
@@ -114,7 +115,7 @@ class GradFlow(Method):
         self.info: dict[str, Any] = {}
 
     # ------------------------------------------------------------ setup
-    def _check(self) -> None:
+    def validate(self, sparsity: float | None) -> None:
         p = self.params
         check_tolerance(p.tolerance)
         if not 0 < p.stage_fraction <= 1:
@@ -126,8 +127,7 @@ class GradFlow(Method):
             if value not in allowed:
                 raise BenchError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
-    def prepare(self, model: nn.Module, ctx: Any) -> nn.Module:
-        self._check()
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self.steps = pruning_steps(ctx.total_steps, self.params.stage_fraction, self.params.iterations)
         self.dense_macs = ctx.count_macs(model)
         if self.params.granularity == "channel":
@@ -141,7 +141,7 @@ class GradFlow(Method):
                          score_average=self.params.score_average)
         return model
 
-    def _prepare_channels(self, model: nn.Module, ctx: Any) -> None:
+    def _prepare_channels(self, model: nn.Module, ctx: MethodContext) -> None:
         # the widths only depend on the MAC target, so any importance finds them: the cheap L1 one
         magnitude = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
         pruner = UNetPruner(model, magnitude)
@@ -153,9 +153,8 @@ class GradFlow(Method):
         self.masks = ChannelMasks(model, sorted({layer for g in pruner.groups for layer in g.out_layers}))
         self.masks.install()
 
-    def _prepare_weights(self, model: nn.Module, ctx: Any) -> None:
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in DEFAULT_DENSE_LAYERS]
+    def _prepare_weights(self, model: nn.Module, ctx: MethodContext) -> None:
+        names = list(select_layers(model)[0])  # the default dense layers stay dense
         convs, _ = layer_macs(model, example_inputs(model))
         modules = dict(model.named_modules())
         self.macs_per_weight = {n: convs.get(n, 0.0) / modules[n].weight.numel() for n in names}
@@ -168,7 +167,7 @@ class GradFlow(Method):
         self.masks.install()
 
     # ------------------------------------------------------------ the pruning stage
-    def _scores(self, model: nn.Module, ctx: Any) -> dict[int, torch.Tensor]:
+    def _scores(self, model: nn.Module, ctx: MethodContext) -> dict[int, torch.Tensor]:
         """Importance (higher = kept) per parameter, by identity: -S for "raise", S for "lower"; with
         ``score_average`` the running mean over the iterations so far (kept by name, for resume)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -197,7 +196,7 @@ class GradFlow(Method):
         self.score_count = self.score_count + 1 if self.params.score_average else 1
         return {id(p): self.score_sum[n] / self.score_count for n, p in named}
 
-    def _iterate(self, model: nn.Module, ctx: Any, progress: float) -> None:
+    def _iterate(self, model: nn.Module, ctx: MethodContext, progress: float) -> None:
         value = mask_value(progress, self.params.schedule)
         if self.selected is None or self.params.reselect:
             scores = self._scores(model, ctx)
@@ -237,12 +236,12 @@ class GradFlow(Method):
             return int(sum(int((after[n] & ~before[n]).sum()) for n in after))
         return sum(len(set(after.get(n, [])) - set(before.get(n, []))) for n in after)
 
-    def on_after_optimizer_step(self, step: int, model: nn.Module, ctx: Any) -> None:
+    def on_after_optimizer_step(self, step: int, model: nn.Module, ctx: MethodContext) -> None:
         if step in self.steps:
             self._iterate(model, ctx, (self.steps.index(step) + 1) / len(self.steps))
 
     # ------------------------------------------------------------ export
-    def export(self, model: nn.Module, ctx: Any) -> Deployable:
+    def export(self, model: nn.Module, ctx: MethodContext) -> Deployable:
         if not self.done:  # a budget shorter than the stage (or zero): finish the stage in one go
             self._iterate(model, ctx, 1.0)
         info = {**self.info, "mask_values": [h["mask"] for h in self.history],

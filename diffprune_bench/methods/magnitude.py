@@ -12,6 +12,7 @@ from typing import Any
 
 import torch_pruning as tp
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.registry import register_method
 from diffprune_bench.toolkit.structural import StructuredPruningMethod
 
@@ -21,6 +22,6 @@ class MagnitudePruning(StructuredPruningMethod):
     description = "Structural pruning (torch-pruning) by the L1 norm of channel groups, then fine-tuning."
     criterion = "group L1 magnitude"
 
-    def importance(self, model: Any, ctx: Any) -> tp.importance.Importance:
+    def importance(self, model: Any, ctx: MethodContext) -> tp.importance.Importance:
         # no normaliser: scores are compared within a group only (per-layer ratios), so the raw mean is kept
         return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.registry import register_method
 from diffprune_bench.toolkit.structural import SeededRandomImportance, StructuredPruningMethod
 
@@ -17,5 +18,5 @@ class RandomPruning(StructuredPruningMethod):
     description = "Structural pruning (torch-pruning) with random channel scores, then fine-tuning."
     criterion = "random"
 
-    def importance(self, model: Any, ctx: Any) -> SeededRandomImportance:
+    def importance(self, model: Any, ctx: MethodContext) -> SeededRandomImportance:
         return SeededRandomImportance(ctx.seed)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.registry import register_method
 from diffprune_bench.toolkit.structural import SeededRandomImportance, StructuredPruningMethod
 
@@ -37,10 +38,10 @@ class ReinitPruning(StructuredPruningMethod):
     init = "scratch"
     budget = "finetune"
 
-    def importance(self, model: Any, ctx: Any) -> SeededRandomImportance:
+    def importance(self, model: Any, ctx: MethodContext) -> SeededRandomImportance:
         return SeededRandomImportance(ctx.seed)
 
-    def after_pruning(self, model: nn.Module, ctx: Any) -> nn.Module:
+    def after_pruning(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         torch.manual_seed(ctx.seed)
         layers = reset_parameters(model)
         self.info.update(weights="re-initialised (reset_parameters on the pruned shapes)", reset_layers=layers)

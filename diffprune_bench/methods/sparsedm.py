@@ -26,7 +26,7 @@ from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
 from diffprune_bench.toolkit.masks import layer_name_list
 from diffprune_bench.toolkit.nm import (
-    DEFAULT_KEEP_DENSE,
+    DEFAULT_DENSE_LAYERS,
     MASK_TYPES,
     SRSTE_LAMBDA,
     MaskController,
@@ -55,7 +55,7 @@ class SparseDMParams:
     down to the target, the paper's progressive sparsity); ``stage_shares``: budget share of each stage
     (None: equal). ``srste_lambda``: SR-STE decay (2e-4 in the reference ``sparse_ops_mask.py``).
     ``w_eps`` / ``w_kd``: weights of the epsilon-MSE and of the MSE to the frozen dense teacher at the
-    same x_t, t (the reference trains with the teacher's prediction as target). ``keep_dense``: layer
+    same x_t, t (the reference trains with the teacher's prediction as target). ``dense_layers``: layer
     names or globs left dense (input/output convs, as in the paper). ``inference_patterns``: N:M patterns
     evaluated from the one fine-tuned model (None: the target and its neighbours N-1:M, N+1:M).
     ``mask_type``: "nm", or "unstructured" (global magnitude at density N/M, for comparison).
@@ -68,7 +68,7 @@ class SparseDMParams:
     srste_lambda: float = SRSTE_LAMBDA
     w_eps: float = 1.0
     w_kd: float = 1.0
-    keep_dense: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_DENSE))
+    dense_layers: list[str] = field(default_factory=lambda: list(DEFAULT_DENSE_LAYERS))
     inference_patterns: list[Any] | None = None
     mask_type: str = "nm"
     sparse_kernel: bool = True
@@ -108,12 +108,12 @@ class SparseDM(Method):
         if self.stages is not None and not self.stages:
             raise BenchError("sparsedm stages is empty; give at least the target pattern, e.g. ['2:4']")
         self.inference = [parse_pattern(s) for s in p.inference_patterns] if p.inference_patterns else None
-        keep_dense = layer_name_list(p.keep_dense, "sparsedm keep_dense")
+        dense_layers = layer_name_list(p.dense_layers, "sparsedm dense_layers")
         self.params = dataclasses.replace(
             p,
             stages=[s.label for s in self.stages] if self.stages is not None else None,
             inference_patterns=[s.label for s in self.inference] if self.inference else None,
-            keep_dense=keep_dense,
+            dense_layers=dense_layers,
         )
         self.target = NMPattern(p.m, p.m)  # set by prepare from the run's sparsity
         self.stage_patterns: list[NMPattern] = []
@@ -121,6 +121,11 @@ class SparseDM(Method):
         self.plan: MaskPlan | None = None
         self.starts: list[int] = []
         self.step = 0
+
+    def validate(self, sparsity: float | None) -> None:
+        """The stages must end at the pattern ``--sparsity`` names (checked before any training)."""
+        if sparsity is not None:
+            self._resolve_stages(sparsity)
 
     # ------------------------------------------------------------ training
     def _resolve_stages(self, sparsity: float) -> tuple[NMPattern, list[NMPattern], list[float]]:
@@ -144,10 +149,10 @@ class SparseDM(Method):
         self.target, self.stage_patterns, shares = self._resolve_stages(ctx.sparsity)
         self.starts = stage_starts(ctx.total_steps, shares)
         self.controller = MaskController(self.stage_patterns[0], self.params.mask_type, self.params.srste_lambda)
-        self.plan = attach_masks(model, self.controller, self.params.keep_dense)
+        self.plan = attach_masks(model, self.controller, self.params.dense_layers)
         if not self.plan.masked:
-            raise BenchError(f"sparsedm: no layer can be masked with M={self.params.m} and keep_dense "
-                             f"{self.params.keep_dense}")
+            raise BenchError(f"sparsedm: no layer can be masked with M={self.params.m} and dense_layers "
+                             f"{self.params.dense_layers}")
         self._set_stage(self.step)
         return model
 
@@ -192,7 +197,7 @@ class SparseDM(Method):
         deployables = []
         for pattern in patterns:
             variant = copy.deepcopy(dense)
-            plan = apply_fixed_masks(variant, pattern, p.keep_dense, p.mask_type)
+            plan = apply_fixed_masks(variant, pattern, p.dense_layers, p.mask_type)
             info: dict[str, Any] = {
                 "pattern": pattern.label,
                 "mask_type": p.mask_type,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import register_method
 from diffprune_bench.toolkit.structural import StructuredParams, StructuredPruningMethod, taylor_importance
@@ -27,7 +28,7 @@ class TaylorParams(StructuredParams):
     grad_batches: int = 100
 
 
-def accumulate_uniform_gradients(model: nn.Module, ctx: Any, batches: int) -> list[float]:
+def accumulate_uniform_gradients(model: nn.Module, ctx: MethodContext, batches: int) -> list[float]:
     """Sum dL/dw over ``batches`` batches of the diffusion loss at uniform timesteps into ``.grad``.
 
     Returns the per-batch losses. Runs in eval mode (no dropout) like the reference pruning script.
@@ -50,9 +51,12 @@ class TaylorPruning(StructuredPruningMethod):
     criterion = "taylor |w*g|, uniform timesteps"
     Params = TaylorParams
 
-    def importance(self, model: nn.Module, ctx: Any) -> Any:
+    def validate(self, sparsity: float | None) -> None:
+        super().validate(sparsity)
         if self.params.grad_batches < 1:
             raise BenchError(f"grad_batches {self.params.grad_batches!r} must be a positive integer")
+
+    def importance(self, model: nn.Module, ctx: MethodContext) -> Any:
         with torch.enable_grad():
             losses = accumulate_uniform_gradients(model, ctx, self.params.grad_batches)
         self.info = {"grad_batches": self.params.grad_batches, "grad_mean_loss": sum(losses) / len(losses)}

@@ -36,6 +36,7 @@ from torch import nn
 
 from diffprune_bench.errors import BenchError
 from diffprune_bench.models import weights_hash
+from diffprune_bench.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -280,20 +281,19 @@ class InceptionExtractor(FeatureExtractor):
         return np.concatenate(chunks).astype(np.float64)
 
 
-_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
+EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("FID extractor")
+EXTRACTORS.update({
     "digits-net": lambda cache_dir, **_: DigitsNetExtractor(cache_dir),
     "inception-v3": lambda cache_dir, weights=None, device=None, **_: InceptionExtractor(cache_dir, weights, device),
-}
+})
 
 
 def extractor_names() -> list[str]:
-    return sorted(_EXTRACTORS)
+    return EXTRACTORS.names()
 
 
 def build_extractor(name: str, cache_dir: str | Path, **kwargs) -> FeatureExtractor:
-    if name not in _EXTRACTORS:
-        raise BenchError(f"unknown FID extractor {name!r}; available: {', '.join(extractor_names())}")
-    return _EXTRACTORS[name](cache_dir, **kwargs)
+    return EXTRACTORS.lookup(name)(cache_dir, **kwargs)
 
 
 # ---------------------------------------------------------------- statistics and scores

@@ -20,6 +20,7 @@ rows statistically tied with it are marked as the tied group.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +29,48 @@ import pandas as pd
 
 from diffprune_bench.report.stats import PairedDelta, Reference, paired_fid_delta, paired_kid_delta
 
-DENSE, DENSE_FT, DENSE_SCRATCH = "dense", "dense-ft", "dense-scratch"
-CONTROL_METHODS = (DENSE, DENSE_FT, DENSE_SCRATCH)
 #: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
 TARGET_TOLERANCE = 0.02
 
 
-def control_for(row: pd.Series, present: set[str], base_steps: int | None) -> str | None:
-    """The control method of ``row`` among the control rows ``present`` in its table (None: no fair one)."""
+@dataclass(frozen=True)
+class Controls:
+    """The control rows of a table, found by the methods' attributes, never by their names: the baseline
+    (``is_baseline``: the base itself) and the reference rows (``takes_sparsity`` False) that start from
+    the base (``pretrained``: dense-ft) or train from scratch (``scratch``: dense-scratch)."""
+
+    baseline: str | None = None
+    pretrained: str | None = None
+    scratch: str | None = None
+
+    @classmethod
+    def of(cls, table: pd.DataFrame) -> Controls:
+        def first(mask: pd.Series) -> str | None:
+            names = table.loc[mask, "method"]
+            return str(names.iloc[0]) if len(names) else None
+
+        baseline = table["is_baseline"].astype(bool)
+        reference = table["is_reference"].astype(bool) & ~baseline
+        return cls(first(baseline), first(reference & table["init"].eq("pretrained")),
+                   first(reference & table["init"].eq("scratch")))
+
+    def names(self) -> set[str]:
+        return {n for n in (self.baseline, self.pretrained, self.scratch) if n}
+
+
+def control_for(row: pd.Series, controls: Controls, base_steps: int | None) -> str | None:
+    """The control method of ``row`` among the table's ``controls`` (None: no fair one)."""
     method, init, steps = row["method"], row.get("init"), row.get("train_steps")
     trained = bool(steps) and not (isinstance(steps, float) and math.isnan(steps))
-    if method == DENSE:
+    if method == controls.baseline:
         return None
-    if method in (DENSE_FT, DENSE_SCRATCH):
-        choice = DENSE
-    elif init == "pretrained":
-        choice = DENSE_FT if trained else DENSE
-    elif DENSE_SCRATCH in present:
-        choice = DENSE_SCRATCH
-    else:
-        choice = DENSE if base_steps is not None and steps == base_steps else None
-    return choice if choice in present else None
+    if method in controls.names():
+        return controls.baseline
+    if init == "pretrained":
+        return controls.pretrained if trained else controls.baseline
+    if controls.scratch:
+        return controls.scratch
+    return controls.baseline if base_steps is not None and steps == base_steps else None
 
 
 class FeatureStore:
@@ -94,7 +116,7 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
     run_groups = {tuple(k): part for k, part in runs.groupby(keys, dropna=False, sort=False)}
     reference = next((store.reference(p) for p in runs.get("reference_features", pd.Series(dtype=str))
                       if store.reference(p) is not None), None)
-    controls_present = set(table.loc[table["method"].isin(CONTROL_METHODS), "method"])
+    controls = Controls.of(table)
 
     def runs_of(row: pd.Series) -> pd.DataFrame:
         return run_groups.get(tuple(row[k] for k in keys), runs.iloc[0:0])
@@ -105,7 +127,7 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
     columns: dict[str, list[Any]] = {c: [] for c in ("control", "dfid", "dfid_low", "dfid_high", "dkid",
                                                      "dkid_low", "dkid_high", "on_target")}
     for _, row in table.iterrows():
-        control = control_for(row, controls_present, base_steps)
+        control = control_for(row, controls, base_steps)
         fid_delta = kid_delta = None
         if control and reference is not None:
             mine, theirs = _by_seed(runs_of(row), store), _by_seed(control_runs(control), store)
@@ -123,7 +145,7 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
     for name, values in columns.items():
         table[name] = values
     table["rank"] = ""
-    for _, part in table[(table["sparsity"] > 0) & ~table["method"].isin(CONTROL_METHODS)].groupby("sparsity"):
+    for _, part in table[(table["sparsity"] > 0) & ~table["method"].isin(controls.names())].groupby("sparsity"):
         _rank(table, part, runs_of, reference, store)
     return table
 

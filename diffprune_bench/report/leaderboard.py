@@ -23,7 +23,6 @@ from diffprune_bench.report.compare import TARGET_TOLERANCE, FeatureStore, add_c
 from diffprune_bench.report.stats import STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
 
-BASELINE_FAMILY = "dense"
 #: The columns that define a table: rows that differ in any of them are never compared.
 GROUP_COLUMNS = [
     "dataset",
@@ -61,6 +60,22 @@ MEAN_STD_COLUMNS = ("fid", "kid")
 FAILED_COLUMNS = ["run_id", "suite", "dataset", "method", "sparsity", "seed", "error"]
 
 
+def method_traits(record: dict[str, Any]) -> tuple[bool, bool]:
+    """``(is_baseline, takes_sparsity)`` of the record's method, as the harness recorded them; records
+    written before these fields existed take them from the registered method class (a method no longer
+    registered counts as an ordinary compressed row)."""
+    if "is_baseline" in record and "takes_sparsity" in record:
+        return bool(record["is_baseline"]), bool(record["takes_sparsity"])
+    from diffprune_bench.errors import BenchError
+    from diffprune_bench.registry import get_method_class
+
+    try:
+        cls = get_method_class(str(record.get("method")))
+    except BenchError:
+        return False, True
+    return cls.is_baseline, cls.takes_sparsity
+
+
 def _budget(config: dict[str, Any]) -> str:
     base = config.get("base") or f"base {config.get('base_steps')} steps"
     scratch = config.get("scratch_steps")
@@ -80,7 +95,7 @@ def _extra_gmacs(record: dict[str, Any]) -> float | None:
 def _images_total(record: dict[str, Any]) -> float | None:
     """Images the deployed weights have seen: the base's training too when the method started from it."""
     own = (record.get("training") or {}).get("images_seen")
-    if record.get("method") == "dense":
+    if method_traits(record)[0]:  # the baseline row is the base itself
         return own
     base_train = (record.get("base") or {}).get("train") or {}
     inherited = base_train.get("images_seen") if record.get("init") == "pretrained" else 0
@@ -106,6 +121,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     sampler = protocol.get("sampler") or {}
     metrics = record.get("metrics") or {}
     training = record.get("training") or {}
+    is_baseline, takes_sparsity = method_traits(record)
     return {
         "dataset": record.get("dataset"),
         "extractor": protocol.get("extractor"),
@@ -120,6 +136,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "method": record.get("method"),
         "variant": record.get("variant") or "",
         "family": record.get("family"),
+        "is_baseline": is_baseline,
+        "is_reference": not takes_sparsity,
         "sparsity": round(float(record.get("sparsity") or 0.0), 4),
         "trained_sparsity": round(float(config.get("sparsity", record.get("sparsity")) or 0.0), 4),
         "seed": record.get("seed"),
@@ -175,6 +193,8 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "fid_floor",
         *ROW_COLUMNS,
         "family",
+        "is_baseline",
+        "is_reference",
         "seed",
         "suite",
         "run_id",
@@ -239,7 +259,8 @@ def failed_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds per (group, method, variant, sparsity, composition); controls first."""
+    """Mean ± std over seeds per (group, method, variant, sparsity, composition); the baseline and the
+    reference rows (methods that take no sparsity) first, shown beside every sparsity."""
     keys = ["group", *GROUP_COLUMNS, *ROW_COLUMNS, "then"]
     present = [c for c in METRIC_COLUMNS if c in runs.columns]
     grouped = runs.groupby(keys, dropna=False, sort=False)
@@ -250,6 +271,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = grouped["seed"].apply(lambda s: ",".join(str(int(v)) for v in sorted(s))).to_numpy()
     table["n_seeds"] = grouped["seed"].count().to_numpy()
     table["family"] = grouped["family"].first().to_numpy()
+    for name in ("is_baseline", "is_reference"):
+        table[name] = grouped[name].first().to_numpy().astype(bool)
     table["suites"] = grouped["suite"].apply(lambda s: ",".join(sorted({v for v in s if v}))).to_numpy()
     table["fid_floor"] = grouped["fid_floor"].mean().to_numpy()
     table["reference_images"] = grouped["reference_images"].max().to_numpy()
@@ -257,10 +280,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         table[name] = grouped[name].first().to_numpy()
     table["train_steps"] = grouped["train_steps"].max().to_numpy()
     table = table.rename(columns={"fid": "fid_mean", "kid": "kid_mean"})
-    table["is_dense"] = table["family"].eq(BASELINE_FAMILY)
-    table = table.sort_values(
-        ["group", "is_dense", "sparsity", "method", "trained_sparsity", "variant"],
-        ascending=[True, False, True, True, True, True],
+    table = table.sort_values(  # the baseline, then the other references (controls), then every method
+        ["group", "is_baseline", "is_reference", "sparsity", "method", "trained_sparsity", "variant"],
+        ascending=[True, False, False, True, True, True, True],
     )
     return table.reset_index(drop=True)
 
@@ -511,7 +533,8 @@ def csv_frame(board: Leaderboard) -> pd.DataFrame:
         "best_at_sparsity",
     ]
     first = [c for c in first if c in frame.columns]
-    return frame[first + [c for c in frame.columns if c not in first and c not in ("is_dense", "group")]]
+    internal = ("is_baseline", "is_reference", "group")
+    return frame[first + [c for c in frame.columns if c not in first and c not in internal]]
 
 
 def write_leaderboard(

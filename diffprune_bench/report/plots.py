@@ -60,8 +60,8 @@ def fid_curve(group: Group, x: str, xlabel: str, scale: float = 1.0) -> plt.Figu
     N:M patterns) adds a dashed line per training target through that run's variants."""
     table = group.table.dropna(subset=["fid_mean"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    _dense_line(ax, table[table["is_dense"]])
-    methods = table[~table["is_dense"]]
+    _dense_line(ax, table[table["is_baseline"]])
+    methods = table[~table["is_reference"] & ~table["is_baseline"]]
     colors = {name: f"C{i % 10}" for i, name in enumerate(sorted(methods["method"].unique()))}
     lines = [(str(name), name, part, "-") for name, part in methods[_as_trained(methods)].groupby("method")]
     off_target = methods[~_as_trained(methods)]
@@ -94,12 +94,12 @@ def sample_grid(group: Group, sparsity: float = GRID_SPARSITY) -> plt.Figure | N
     """Dense and every method at ``sparsity`` side by side (lowest seed's samples.png); None if none."""
     runs = group.runs
     at_sparsity = ((runs["sparsity"] - sparsity).abs() < 1e-6) & _as_trained(runs)
-    picked = runs[(runs["family"] == "dense") | at_sparsity]
+    picked = runs[runs["is_baseline"] | runs["is_reference"] | at_sparsity]
     picked = picked[picked["samples"].map(lambda p: bool(p) and Path(p).is_file())]
     if picked.empty:
         return None
     picked = picked.sort_values("seed").drop_duplicates(["method", "variant"])
-    picked = picked.assign(dense_first=picked["family"] != "dense").sort_values(
+    picked = picked.assign(dense_first=~(picked["is_baseline"] | picked["is_reference"])).sort_values(
         ["dense_first", "method", "variant"]
     )
     count = len(picked)
@@ -110,7 +110,8 @@ def sample_grid(group: Group, sparsity: float = GRID_SPARSITY) -> plt.Figure | N
         ax.axis("off")
     for ax, (_, row) in zip(axes.flat, picked.iterrows(), strict=False):
         ax.imshow(mpimg.imread(row["samples"]), cmap="gray", interpolation="nearest")
-        subtitle = "dense" if row["family"] == "dense" else f"{row_label(row)} s={row['sparsity']:g}"
+        reference = row["is_baseline"] or row["is_reference"]
+        subtitle = row_label(row) if reference else f"{row_label(row)} s={row['sparsity']:g}"
         ax.set_title(f"{subtitle}\nseed {row['seed']}", fontsize=8)
     fig.suptitle(f"samples at sparsity {sparsity:g}: {group.key['dataset']}", fontsize=9)
     return fig

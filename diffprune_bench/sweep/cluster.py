@@ -41,26 +41,26 @@ from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
 from diffprune_bench.results import atomic_write_text, utc_now
 from diffprune_bench.rundir import RunDirBusy, RunDirClaim
-from diffprune_bench.sweep.status import jobs_file, read_jobs
-from diffprune_bench.sweep.suite import (
-    BASELINE_METHOD,
+from diffprune_bench.sweep.cells import (
     Cell,
     CellOutcome,
+    Finish,
     RunFn,
-    _ensure_failed_record,
-    _resume_if_interrupted,
-    _run_claimed_cell,
+    Work,
+    baseline_first,
     default_run,
+    ensure_failed_record,
     finished_fid,
+    jobs_file,
+    read_jobs,
+    resume_if_interrupted,
+    run_claimed_cell,
 )
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 CLUSTER_EXECUTORS = ("slurm", "submitit-local")
 #: a day: long enough for a digits or CIFAR-10 fine-tune cell; longer runs requeue and resume
 DEFAULT_TIMEOUT_MIN = 24 * 60
-
-Work = list[tuple[Cell, RunConfig]]
-Finish = Callable[[Cell, CellOutcome], None]
 
 
 @dataclass
@@ -166,7 +166,7 @@ class CellJob(submitit.helpers.Checkpointable):
                 decision = {"busy": str(error)}
             else:
                 done = finished_fid(run_dir)
-                resume = _resume_if_interrupted(cfg).resume
+                resume = resume_if_interrupted(cfg).resume
                 decision = {"done": done} if done is not None else {"resume": resume}
         decision = dist.broadcast_object(decision)
         try:
@@ -178,7 +178,7 @@ class CellJob(submitit.helpers.Checkpointable):
             if not dist.is_main:
                 run_fn(cfg)  # trains in lockstep with rank 0, which alone writes
                 return None
-            return _run_claimed_cell(run_fn, cfg)  # rank 0 holds the claim; the folder is not finished
+            return run_claimed_cell(run_fn, cfg)  # rank 0 holds the claim; the folder is not finished
         finally:
             if claim is not None:
                 claim.release()
@@ -224,8 +224,7 @@ def submit_sweep(
     folder = Path(options.folder or Path(first.results_dir) / ".submitit" / str(first.suite or "runs"))
     executor = make_executor(options, folder, first.device)
     job_fn = CellJob(run_fn)
-    dense = [item for item in work if item[0].method == BASELINE_METHOD]
-    rest = [item for item in work if item[0].method != BASELINE_METHOD]
+    dense, rest = baseline_first(work)
     if not options.waits:
         first_jobs = _submit_array(executor, dense, job_fn)
         _note_jobs(dense, first_jobs, options.executor, folder)
@@ -304,10 +303,10 @@ def _job_outcome(job: submitit.Job, cfg: RunConfig) -> CellOutcome:
         done = finished_fid(run_dir)
         if done is not None:  # it died after writing its record (in teardown, say): the record stands
             return CellOutcome(None, done, 0.0)
-        if _resume_if_interrupted(cfg).resume:
+        if resume_if_interrupted(cfg).resume:
             return CellOutcome(f"interrupted ({reason}); the next sweep resumes it from its checkpoint",
                                None, 0.0)
-        _ensure_failed_record(cfg, reason)
+        ensure_failed_record(cfg, reason)
         return CellOutcome(reason, None, 0.0)
     if isinstance(outcome, CellOutcome):
         return outcome

@@ -9,7 +9,6 @@ local or SLURM, it reads the same.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ from typing import Any
 
 from diffprune_bench.results import load_records
 from diffprune_bench.rundir import holder, is_claimed
-from diffprune_bench.sweep.suite import Cell, Suite, cell_records, is_primary
+from diffprune_bench.sweep.cells import JOBS_DIR, Cell, is_primary, jobs_file, read_jobs  # noqa: F401
+from diffprune_bench.sweep.suite import Suite, cell_records
 
 STATES = ("ok", "failed", "running", "interrupted", "queued", "pending")
-JOBS_DIR = ".jobs"
 
 
 @dataclass
@@ -32,17 +31,6 @@ class CellStatus:
     detail: str = ""
 
 
-def jobs_file(results_dir: str | Path, suite: str) -> Path:
-    """Where a cluster sweep notes the job id of each run it submitted (for this view only)."""
-    return Path(results_dir) / JOBS_DIR / f"{suite}.json"
-
-
-def read_jobs(path: str | Path) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def sweep_status(suite: Suite, overrides: dict[str, Any] | None = None) -> list[CellStatus]:

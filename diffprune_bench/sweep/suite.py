@@ -18,8 +18,6 @@ import hashlib
 import json
 import math
 import re
-import time
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +25,22 @@ from typing import Any
 
 from diffprune_bench.config import RunConfig, config_fields, make_config, yaml_load
 from diffprune_bench.errors import BenchError
-from diffprune_bench.registry import build_params, get_method_class
-from diffprune_bench.results import RECORD_NAME, ensure_writable, load_records, record_problem, utc_now, write_record
-from diffprune_bench.rundir import RunDirBusy, RunDirClaim
+from diffprune_bench.registry import create_method, get_method_class
+from diffprune_bench.results import ensure_writable, load_records
+from diffprune_bench.sweep.cells import (  # noqa: F401 - CellOutcome, run_cell: re-exported for callers
+    Cell,
+    CellOutcome,
+    RunFn,
+    default_run,
+    is_primary,
+    run_cell,
+)
+from diffprune_bench.sweep.executors import make_executor
 
 SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params",
               "compositions")
 COMPOSITION_KEYS = ("method", "then", "sparsities", "then_params")
 REQUIRED_KEYS = ("name", "datasets", "methods", "sparsities", "seeds")
-BASELINE_METHOD = "dense"
 #: RunConfig fields a suite cannot set in ``options``: they are the grid's axes or set by the sweep.
 AXIS_FIELDS = ("method", "dataset", "sparsity", "seed", "suite", "method_params", "run_id", "resume", "then",
                "then_params")
@@ -53,24 +58,12 @@ BOOKKEEPING_FIELDS = (
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_RESULTS_DIR = "results/runs"
 
-RunFn = Callable[[RunConfig], list[dict[str, Any]]]
 
+def baseline_methods() -> list[str]:
+    """The registered baseline(s) (``Method.is_baseline``): run once per dataset x seed, listed or not."""
+    from diffprune_bench.registry import method_names
 
-@dataclass(frozen=True)
-class Cell:
-    """One point of the grid: one training run (which may write several variant records)."""
-
-    dataset: str
-    method: str
-    sparsity: float
-    seed: int
-    #: composition: the sampler-level method applied after ``method``, and its parameters (canonical JSON)
-    then: str | None = None
-    then_params: str = "{}"
-
-    def label(self) -> str:
-        name = f"{self.method}+{self.then}" if self.then else self.method
-        return f"{self.dataset}/{name} s={self.sparsity:g} seed={self.seed}"
+    return [name for name in method_names() if get_method_class(name).is_baseline]
 
 
 @dataclass(frozen=True)
@@ -83,9 +76,14 @@ class Composition:
     then_params: str = "{}"
 
 
+def _sparsities_of(method: str, sparsities: list[float]) -> list[float]:
+    """A reference method (``takes_sparsity = False``) runs once, at sparsity 0; the others at each target."""
+    return list(sparsities) if get_method_class(method).takes_sparsity else [0.0]
+
+
 @dataclass
 class Suite:
-    """A validated suite; ``methods`` is resolved (``all`` -> every registered method but dense)."""
+    """A validated suite; ``methods`` is resolved (``all`` -> every registered method but the baseline)."""
 
     name: str
     datasets: list[str]
@@ -99,13 +97,15 @@ class Suite:
     compositions: list[Composition] = field(default_factory=list)
 
     def cells(self) -> list[Cell]:
-        """Dense once per dataset x seed at sparsity 0 (it also trains the cached base every other
-        cell of that seed starts from, so it runs first), then every method at every sparsity."""
+        """The baseline once per dataset x seed at sparsity 0 (it also trains the cached base every other
+        cell of that seed starts from, so it runs first), the reference methods (``takes_sparsity``
+        False: the dense controls) once at sparsity 0, then every other method at every sparsity."""
         cells: list[Cell] = []
         for dataset in self.datasets:
             for seed in self.seeds:
-                cells.append(Cell(dataset, BASELINE_METHOD, 0.0, seed))
-                cells.extend(Cell(dataset, m, s, seed) for m in self.methods for s in self.sparsities)
+                cells.extend(Cell(dataset, m, 0.0, seed) for m in baseline_methods())
+                cells.extend(Cell(dataset, m, s, seed) for m in self.methods
+                             for s in _sparsities_of(m, self.sparsities))
                 cells.extend(Cell(dataset, c.method, s, seed, c.then, c.then_params)
                              for c in self.compositions for s in c.sparsities)
         return cells
@@ -224,8 +224,8 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
         source=source,
         compositions=compositions,
     )
-    for cell in _one_cell_per_method_and_dataset(suite):
-        suite.cell_config(cell)  # validates option values and method parameters once, before any run
+    for cell in suite.cells():
+        suite.cell_config(cell)  # every cell's options, method parameters and sparsity, before any run
     return suite
 
 
@@ -252,7 +252,8 @@ def _resolve_methods(value: Any, fail: Callable[[str], BenchError]) -> list[str]
         for name in names:
             if name not in registered:
                 raise fail(f"unknown method {name!r}; available: {', '.join(registered)}")
-    return [n for n in names if n != BASELINE_METHOD]  # the baseline runs once per dataset x seed anyway
+    baselines = baseline_methods()
+    return [n for n in names if n not in baselines]  # the baseline runs once per dataset x seed anyway
 
 
 def _sparsities(value: Any, fail: Callable[[str], BenchError]) -> list[float]:
@@ -312,20 +313,10 @@ def _method_params(
             raise fail(f"method_params of {method!r} must be a mapping, not {params!r}")
         result[method] = {str(k).replace("-", "_"): v for k, v in params.items()}
         try:
-            build_params(get_method_class(method), result[method])
+            create_method(method, result[method])
         except BenchError as error:
             raise fail(str(error)) from None
-        except (TypeError, ValueError) as error:  # the Params dataclass rejected a value
-            raise fail(f"method_params of {method!r}: {error}") from None
     return result
-
-
-def _one_cell_per_method_and_dataset(suite: Suite) -> list[Cell]:
-    seed, sparsity = suite.seeds[0], suite.sparsities[0]
-    return [Cell(d, BASELINE_METHOD, 0.0, seed) for d in suite.datasets] + [
-        Cell(d, m, sparsity, seed) for d in suite.datasets for m in suite.methods
-    ] + [Cell(d, c.method, c.sparsities[0], seed, c.then, c.then_params)
-         for d in suite.datasets for c in suite.compositions]
 
 
 def _compositions(value: Any, sparsities: list[float], fail: Callable[[str], BenchError]) -> list[Composition]:
@@ -376,11 +367,6 @@ def record_matches(record: dict[str, Any], key: dict[str, Any]) -> bool:
     return all(k in values and _same(values[k], v) for k, v in key.items())
 
 
-def is_primary(record: dict[str, Any]) -> bool:
-    """The record of the training run itself (a run's other records are its variants)."""
-    return record.get("train_run_id", record.get("run_id")) == record.get("run_id")
-
-
 def cell_records(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> list[dict[str, Any]]:
     key = suite.cell_key(cell)
     return [r for r in records if record_matches(r, key)]
@@ -405,12 +391,6 @@ class SweepResult:
     @property
     def failures(self) -> int:
         return len(self.failed)
-
-
-def default_run(cfg: RunConfig) -> list[dict[str, Any]]:
-    from diffprune_bench.harness import run
-
-    return run(cfg)
 
 
 def sweep(
@@ -443,9 +423,7 @@ def sweep(
         raise BenchError(
             f"sweep overrides {', '.join(bad)} are not allowed; allowed: {', '.join(BOOKKEEPING_FIELDS)}"
         )
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise BenchError(f"jobs {jobs!r} must be a positive integer")
-    run_fn = run_fn or default_run
+    executor = make_executor(run_fn or default_run, jobs, cluster)
     configs = [(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()]
     results_dir = configs[0][1].results_dir
     records = load_records(results_dir)
@@ -488,161 +466,11 @@ def sweep(
         bar.update(1)
         bar.set_postfix_str(f"{result.failures} failed")
 
-    work = pending  # whether a cell resumes is decided under its folder's claim (run_cell, CellJob)
-    if cluster is not None:
-        from diffprune_bench.sweep.cluster import submit_sweep
-
-        result.submitted = submit_sweep(work, cluster, finish, write, run_fn=run_fn)
-    elif jobs == 1 or len(work) <= 1:
-        for cell, cfg in work:
-            bar.set_postfix_str(cell.label())
-            finish(cell, run_cell(run_fn, cfg))
-    else:
-        _run_parallel(work, run_fn, jobs, finish)
+    # whether a cell resumes is decided under its folder's claim (cells.run_cell, cluster.CellJob)
+    result.submitted = executor.run(pending, finish, write, started=lambda cell: bar.set_postfix_str(cell.label()))
     bar.close()
     write(
         f"suite {suite.name}: {len(result.completed)} ran, {len(result.skipped)} skipped, "
         f"{result.failures} failed"
     )
     return result
-
-
-@dataclass
-class CellOutcome:
-    error: str | None  # None: ok
-    fid: float | None
-    wall_s: float
-    busy: bool = False  # another process holds the cell's run folder: nothing was run or written
-
-
-def run_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
-    """Run one cell; any exception becomes a failed outcome (and a failed record if none was written).
-
-    The cell's run folder is claimed for the whole call (``rundir.py``): a cell that another process is
-    writing right now is left alone, with no record of ours, and one that another sweep finished since
-    this one read the records is not run again."""
-    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
-    try:
-        claim = RunDirClaim(run_dir).acquire()
-    except RunDirBusy as error:
-        return CellOutcome(str(error), None, 0.0, busy=True)
-    try:
-        done = finished_fid(run_dir)
-        if done is not None:
-            return CellOutcome(None, done, 0.0)
-        return _run_claimed_cell(run_fn, _resume_if_interrupted(cfg))
-    finally:
-        claim.release()
-
-
-def finished_fid(run_dir: Path) -> float | None:
-    """The FID of the ok record of the training run in ``run_dir`` (nan without one), None when unfinished."""
-    try:
-        record = json.loads((run_dir / RECORD_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record_problem(record) is not None or record.get("status") != "ok" or not is_primary(record):
-        return None
-    fid = (record.get("metrics") or {}).get("fid")
-    return float(fid) if isinstance(fid, (int, float)) else math.nan
-
-
-def _run_claimed_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
-    started = time.perf_counter()
-    try:
-        records = run_fn(cfg)
-    except RunDirBusy as error:  # the harness met a writer this sweep's claim could not see
-        return CellOutcome(str(error), None, time.perf_counter() - started, busy=True)
-    except Exception as error:  # noqa: BLE001 - one failing cell never stops the sweep
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        _ensure_failed_record(cfg, reason)
-        return CellOutcome(reason, None, time.perf_counter() - started)
-    fid = next((r.get("metrics", {}).get("fid") for r in records if is_primary(r)), None)
-    return CellOutcome(
-        None, float(fid) if isinstance(fid, (int, float)) else None, time.perf_counter() - started
-    )
-
-
-def _init_worker(threads: int) -> None:
-    """Worker processes: an equal share of the threads, and no per-run progress bars of their own."""
-    import os
-
-    os.environ["TQDM_DISABLE"] = "1"
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _outcome(future: Any, cell: Cell, phase: list[tuple[Cell, RunConfig]]) -> CellOutcome:
-    """The worker's outcome; a worker that died (killed for memory, say) fails its cell, with a record."""
-    try:
-        return future.result()
-    except Exception as error:  # noqa: BLE001 - e.g. BrokenProcessPool
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        _ensure_failed_record(dict(phase)[cell], reason)
-        return CellOutcome(reason, None, 0.0)
-
-
-def _run_parallel(
-    work: list[tuple[Cell, RunConfig]], run_fn: RunFn, jobs: int, finish: Callable[[Cell, CellOutcome], None]
-) -> None:
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    threads = max(1, (os.cpu_count() or jobs) // jobs)
-    dense = [item for item in work if item[0].method == BASELINE_METHOD]
-    rest = [item for item in work if item[0].method != BASELINE_METHOD]
-    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
-    ) as pool:
-        for phase in (dense, rest):
-            futures = {pool.submit(run_cell, run_fn, cfg): cell for cell, cfg in phase}
-            try:
-                for future in as_completed(futures):
-                    finish(futures[future], _outcome(future, futures[future], phase))
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-
-
-def _resume_if_interrupted(cfg: RunConfig) -> RunConfig:
-    """A run folder with a training checkpoint but no record was killed part-way: continue it.
-
-    A folder holding a failed record starts over instead (resuming would repeat the failure)."""
-    from diffprune_bench.trainer import CHECKPOINT_NAME
-
-    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
-    killed = (run_dir / "checkpoint" / CHECKPOINT_NAME).is_file() and not (run_dir / RECORD_NAME).is_file()
-    return cfg.replace(resume=killed)
-
-
-def _ensure_failed_record(cfg: RunConfig, reason: str) -> None:
-    """The harness records its own failures; this covers one raised before its run folder existed."""
-    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
-    path = run_dir / RECORD_NAME
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text())
-            if isinstance(existing, dict) and existing.get("status") == "failed":
-                return
-        except (OSError, json.JSONDecodeError):
-            pass
-    write_record(
-        run_dir,
-        {
-            "run_id": cfg.run_id,
-            "status": "failed",
-            "finished_at": utc_now(),
-            "method": cfg.method,
-            "dataset": cfg.dataset,
-            "sparsity": cfg.sparsity,
-            "seed": cfg.seed,
-            "suite": cfg.suite,
-            "config": cfg.to_dict(),
-            "error": reason,
-            "traceback": traceback.format_exc(limit=8),
-            "paths": {"run_dir": str(run_dir)},
-        },
-    )

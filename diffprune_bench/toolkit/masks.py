@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
@@ -41,6 +42,37 @@ def layer_name_list(value: Any, what: str) -> list[str]:
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
         raise BenchError(f"{what}={value!r} must be a list of layer names or globs")
     return list(names)
+
+
+def select_layers(
+    model: nn.Module,
+    dense_layers: Iterable[str] = DEFAULT_DENSE_LAYERS,
+    layer_types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear),
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The layers a mask may cover: every ``layer_types`` module with a weight, split into the maskable
+    ones (name -> module, in model order) and the names ``dense_layers`` (names or fnmatch globs) keep
+    dense. Every masking toolkit picks its layers here, so ``dense_layers`` means the same everywhere."""
+    patterns = tuple(dense_layers)
+    maskable: dict[str, nn.Module] = {}
+    kept: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, layer_types) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            kept.append(name)
+        else:
+            maskable[name] = module
+    return maskable, kept
+
+
+def bake_masks(modules: Iterable[nn.Module], keep_masked: bool = True) -> None:
+    """The one way a mask leaves a layer: a parametrized ``weight`` becomes a plain parameter again
+    holding the masked values (or, ``keep_masked=False``, the unmasked original), and a mask buffer
+    (:data:`MASK_BUFFER`) is dropped. What is left saves and loads as an ordinary layer."""
+    for module in modules:
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep_masked)
+        module._buffers.pop(MASK_BUFFER, None)
 
 
 # ---------------------------------------------------------------- layer densities
@@ -133,15 +165,7 @@ class MaskManager:
         layer_types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear),
     ) -> None:
         self.dense_patterns = tuple(dense_layers)
-        self.modules: dict[str, nn.Module] = {}
-        self.excluded: list[str] = []
-        for name, module in model.named_modules():
-            if not isinstance(module, layer_types) or not isinstance(getattr(module, "weight", None), torch.Tensor):
-                continue
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.dense_patterns):
-                self.excluded.append(name)
-            else:
-                self.modules[name] = module
+        self.modules, self.excluded = select_layers(model, self.dense_patterns, layer_types)
         if not self.modules:
             raise BenchError(
                 f"no maskable Conv2d/Linear layer left after dense_layers={list(self.dense_patterns)}; "
@@ -282,9 +306,7 @@ class MaskManager:
         """Apply the masks and drop the buffers: the model becomes a plain one with zeros in it
         (what is exported and saved; its checkpoint then loads into an unmasked model)."""
         self.apply()
-        for module in self.modules.values():
-            if MASK_BUFFER in module._buffers:
-                del module._buffers[MASK_BUFFER]
+        bake_masks(self.modules.values())
 
 
 @torch.no_grad()

@@ -32,7 +32,6 @@ comparison point) shares the same parametrization and SR-STE backward.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,13 +43,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from diffprune_bench.errors import BenchError
+from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS, bake_masks, select_layers
 
 #: SR-STE decay on pruned weights; SparseDM's ``Sparse``/``Sparse_NHWC`` autograd functions use 2e-4.
 SRSTE_LAMBDA = 2e-4
 MASK_TYPES = ("nm", "unstructured")
 #: Input and output convs stay dense by default: SparseDM masks the transformer/UNet body only, and
 #: these layers hold few weights while touching every pixel (``conv_in`` has 1-3 input channels).
-DEFAULT_KEEP_DENSE: tuple[str, ...] = ("conv_in", "conv_out")
 #: Above this group size the pairwise-comparison mask (M(M-1)/2 vector compares) loses to ``topk``.
 _PAIRWISE_MAX_M = 8
 
@@ -419,33 +418,28 @@ class MaskPlan:
     dense_kept: dict[str, str] = field(default_factory=dict)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
-def plan_layers(model: nn.Module, m: int, keep_dense: Iterable[str] = DEFAULT_KEEP_DENSE,
+def plan_layers(model: nn.Module, m: int, dense_layers: Iterable[str] = DEFAULT_DENSE_LAYERS,
                 mask_type: str = "nm") -> MaskPlan:
-    """Masked layers: every Conv2d/Linear not named (or glob-matched) by ``keep_dense``; for N:M also
+    """Masked layers: every Conv2d/Linear not named (or glob-matched) by ``dense_layers``; for N:M also
     needs an input dimension (``weight.shape[1]``) that is a multiple of ``m``, otherwise it stays dense."""
-    keep_dense = list(keep_dense)
+    maskable, kept = select_layers(model, dense_layers)
     plan = MaskPlan()
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        in_dim = module.weight.shape[1]
-        if _matches(name, keep_dense):
-            plan.dense_kept[name] = "kept dense by keep_dense"
-        elif mask_type == "nm" and in_dim % m:
-            plan.dense_kept[name] = f"input dim {in_dim} is not a multiple of M={m}"
-        else:
-            plan.masked.append(name)
+        if name in kept:
+            plan.dense_kept[name] = "kept dense by dense_layers"
+        elif name in maskable:
+            in_dim = module.weight.shape[1]
+            if mask_type == "nm" and in_dim % m:
+                plan.dense_kept[name] = f"input dim {in_dim} is not a multiple of M={m}"
+            else:
+                plan.masked.append(name)
     return plan
 
 
 def attach_masks(model: nn.Module, controller: MaskController,
-                 keep_dense: Iterable[str] = DEFAULT_KEEP_DENSE) -> MaskPlan:
+                 dense_layers: Iterable[str] = DEFAULT_DENSE_LAYERS) -> MaskPlan:
     """Register a :class:`SparseWeight` parametrization on every layer the plan masks (in place)."""
-    plan = plan_layers(model, controller.pattern.m, keep_dense, controller.mask_type)
+    plan = plan_layers(model, controller.pattern.m, dense_layers, controller.mask_type)
     modules = dict(model.named_modules())
     # registration runs the parametrization once, so the controller must know every weight first
     controller.weights = [modules[name].weight for name in plan.masked]
@@ -468,13 +462,12 @@ def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def remove_masks(model: nn.Module, keep_masked: bool = False) -> nn.Module:
     """Drop the parametrizations (in place): the dense weights stay, or the masked ones if ``keep_masked``."""
-    for module in masked_modules(model).values():
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep_masked)
+    bake_masks(masked_modules(model).values(), keep_masked)
     return model
 
 
 @torch.no_grad()
-def apply_fixed_masks(model: nn.Module, pattern: NMPattern, keep_dense: Iterable[str] = DEFAULT_KEEP_DENSE,
+def apply_fixed_masks(model: nn.Module, pattern: NMPattern, dense_layers: Iterable[str] = DEFAULT_DENSE_LAYERS,
                       mask_type: str = "nm") -> MaskPlan:
     """Zero the pruned weights of a plain (unparametrized) model for ``pattern``, once, in place.
 
@@ -482,7 +475,7 @@ def apply_fixed_masks(model: nn.Module, pattern: NMPattern, keep_dense: Iterable
     (SparseDM's switchable inference sparsity); a layer whose input dim is not a multiple of
     ``pattern.m`` stays dense for that pattern and is listed in the plan.
     """
-    plan = plan_layers(model, pattern.m, keep_dense, mask_type)
+    plan = plan_layers(model, pattern.m, dense_layers, mask_type)
     modules = dict(model.named_modules())
     if pattern.is_dense:
         return plan

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from diffprune_bench.errors import BenchError
+from diffprune_bench.toolkit.masks import bake_masks
 from diffprune_bench.toolkit.structural import ChannelPlan, UNetPruner, layer_widths
 
 SCHEDULES = ("linear", "cosine")
@@ -307,9 +308,7 @@ class WeightMasks:
                 parametrize.register_parametrization(module, "weight", _SoftWeightMask(self.values[name]))
 
     def bake(self) -> None:
-        for module in self.modules.values():
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        bake_masks(self.modules.values())
 
     def originals(self) -> dict[str, torch.Tensor]:
         """The trainable tensors behind the masked weights (what the scores are taken on)."""

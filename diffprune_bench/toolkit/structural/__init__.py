@@ -38,6 +38,7 @@ the per-layer ``prune_*_channels`` functions (``GroupNormImportance`` of older v
 
 from __future__ import annotations
 
+from diffprune_bench.context import random_batches
 from diffprune_bench.toolkit.structural.graph import (
     ROOT_MODULE_TYPES,
     attention_heads,
@@ -65,7 +66,7 @@ from diffprune_bench.toolkit.structural.plan import (
     search_channel_plan,
     units_removed,
 )
-from diffprune_bench.toolkit.structural.preset_report import prune_preset, prune_preset_report, random_batches
+from diffprune_bench.toolkit.structural.preset_report import prune_preset, prune_preset_report
 from diffprune_bench.toolkit.structural.pruned_unet import PrunedUNet2DModel, as_pruned_unet, skeleton_widths
 from diffprune_bench.toolkit.structural.pruner import GroupSpec, UNetPruner, mac_target_plan, prune_to_mac_target
 

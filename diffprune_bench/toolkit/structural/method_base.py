@@ -1,5 +1,7 @@
 """The shared base of the structured methods: prune once to the MAC target, fine-tune, export the pruned graph."""
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -9,6 +11,7 @@ import torch_pruning as tp
 from diffusers import UNet2DModel
 from torch import nn
 
+from diffprune_bench.context import MethodContext
 from diffprune_bench.registry import Deployable, Method
 from diffprune_bench.toolkit.structural.plan import DEFAULT_TOLERANCE, check_tolerance
 from diffprune_bench.toolkit.structural.pruned_unet import PrunedUNet2DModel
@@ -39,23 +42,25 @@ class StructuredPruningMethod(Method):
         super().__init__(params)
         self.info: dict[str, Any] = {}
 
-    def importance(self, model: UNet2DModel, ctx: Any) -> Callable[[Any], torch.Tensor | None]:
+    def validate(self, sparsity: float | None) -> None:
+        check_tolerance(self.params.tolerance)
+
+    def importance(self, model: UNet2DModel, ctx: MethodContext) -> Callable[[Any], torch.Tensor | None]:
         """The channel scores of this method (gradient-based ones may run backward passes here)."""
         raise NotImplementedError
 
-    def after_pruning(self, model: PrunedUNet2DModel, ctx: Any) -> nn.Module:
+    def after_pruning(self, model: PrunedUNet2DModel, ctx: MethodContext) -> nn.Module:
         """Hook on the pruned model before training; ``reinit`` re-initialises it here."""
         return model
 
-    def prepare(self, model: nn.Module, ctx: Any) -> nn.Module:
-        check_tolerance(self.params.tolerance)
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         importance = self.importance(model, ctx)
         pruned, info = prune_to_mac_target(model, importance, ctx.sparsity, ctx.count_macs, self.params.tolerance)
         model.zero_grad(set_to_none=True)  # the gradients of the scoring pass are spent
         self.info = {"criterion": self.criterion, **self.info, **info}
         return self.after_pruning(pruned, ctx)
 
-    def export(self, model: nn.Module, ctx: Any) -> Deployable:
+    def export(self, model: nn.Module, ctx: MethodContext) -> Deployable:
         return Deployable(model=model, info=dict(self.info))
 
 

@@ -7,17 +7,10 @@ import torch
 from diffusers import UNet2DModel
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.registry import Deployable
+from diffprune_bench.registry import Deployable, create_method
 
 
 # ---------------------------------------------------------------- pruning a preset (``diffbench macs``)
-def random_batches(shape: tuple[int, ...], batch_size: int, seed: int, device: torch.device) -> Any:
-    """Endless seeded batches of uniform noise in [-1, 1]: stand-in images for a gradient pass."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield (torch.rand((batch_size, *shape), generator=generator) * 2 - 1).to(device)
-
-
 def prune_preset(
     preset: str,
     method: str,
@@ -36,26 +29,19 @@ def prune_preset(
     ``max_timesteps`` caps it).
     """
     from diffprune_bench.context import MethodContext
-    from diffprune_bench.diffusion import make_noise_scheduler
-    from diffprune_bench.metrics.macs import count_macs
     from diffprune_bench.models import build_model
-    from diffprune_bench.registry import create_method
+    from diffprune_bench.registry import get_method_class
 
-    runner = create_method(method, overrides)
-    if runner.family != "structured":
-        raise BenchError(f"method {method!r} is {runner.family!r}; --method here takes a structured method")
+    if get_method_class(method).family != "structured":
+        family = get_method_class(method).family
+        raise BenchError(f"method {method!r} is {family!r}; --method here takes a structured method")
     if not 0.0 <= sparsity < 1.0:
         raise BenchError(f"sparsity {sparsity!r} is outside [0, 1)")
+    runner = create_method(method, overrides, sparsity=sparsity)
     torch_device = torch.device(device)
     dense = build_model(preset, seed=seed).to(torch_device)
     shape = (dense.config.in_channels, dense.config.sample_size, dense.config.sample_size)
-    ctx = MethodContext(
-        device=torch_device, sparsity=sparsity, total_steps=0, batch_size=batch_size, seed=seed,
-        noise_scheduler=make_noise_scheduler(), sample_shape=shape, sample_steps=1,
-        batches=random_batches(shape, batch_size, seed, torch_device),
-        generator=torch.Generator(device=torch_device).manual_seed(seed),
-        count_macs=lambda model: float(count_macs(model, shape).total),
-    )
+    ctx = MethodContext.synthetic(shape, sparsity=sparsity, batch_size=batch_size, seed=seed, device=torch_device)
     pruned = runner.prepare(copy.deepcopy(dense), ctx)
     exported = runner.export(pruned, ctx)
     return dense, exported if isinstance(exported, Deployable) else exported[0]
