@@ -17,6 +17,8 @@ def test_front_mask_keeps_exactly_the_non_dominated_points():
     # (2, 4) is dominated by (2, 3); (4, 1) by (3, 1); NaN never counts; equal points do not dominate each other
     assert pareto.front_mask(x, y) == [True, True, True, False, False, False, True]
     assert pareto.front_mask([], []) == []
+    with pytest.raises(ValueError, match="differ in length"):
+        pareto.front_mask([1.0], [1.0, 2.0])
 
 
 def _row(method, sparsity, seed, fid, **kwargs):

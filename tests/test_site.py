@@ -62,15 +62,6 @@ def built(runs, tmp_path_factory):
     return board, index
 
 
-def test_front_mask_keeps_exactly_the_non_dominated_points():
-    x = [1.0, 2.0, 3.0, 2.5, 1.0, 3.0]
-    y = [5.0, 3.0, 1.0, 3.5, 6.0, 1.0]
-    # (2.5, 3.5) is beaten by (2, 3); (1, 6) by (1, 5); the two equal (3, 1) points both stay
-    assert front_mask(x, y) == [True, True, True, False, False, True]
-    with pytest.raises(ValueError, match="differ in length"):
-        front_mask([1.0], [1.0, 2.0])
-
-
 def test_every_row_links_its_copied_records_and_sample_grids(built):
     board, index = built
     site = index.parent

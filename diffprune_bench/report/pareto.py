@@ -43,6 +43,8 @@ def front_mask(x: list[float], y: list[float]) -> list[bool]:
     """True for the points no other point dominates (both coordinates minimised; NaN never on the front).
 
     A point is dominated when another is at least as good on both axes and better on one."""
+    if len(x) != len(y):
+        raise ValueError(f"front_mask: x and y differ in length ({len(x)} vs {len(y)})")
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     valid = ~(np.isnan(xs) | np.isnan(ys))
     mask = []
