@@ -213,6 +213,7 @@ class Evaluator:
         self._dense_samples: torch.Tensor | None = None
         self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
         self.lock = lock
+        self._search_reference = None  # training-split statistics, computed when a search first asks
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -272,11 +273,22 @@ class Evaluator:
     def score_fid(self, deployable: Deployable, num_samples: int) -> float:
         """FID of ``num_samples`` samples: what a method's search (DDSM) may call.
 
-        Its noise is seeded apart from the evaluation noise, so a search cannot select for the very
-        samples its record is scored on; every call gets the same noise (fair comparisons)."""
+        Its noise is seeded apart from the evaluation noise and it is scored against the training split's
+        statistics, never the evaluation reference, so a search cannot select for the very samples or
+        reference its record is scored on; every call gets the same noise (fair comparisons)."""
         noise = initial_noise(num_samples, self.data.shape, self.cfg.seed + SEARCH_NOISE_OFFSET, self.device)
         samples = self.sample(deployable, noise)
-        return fid_from_features(self.extractor.features(samples), self.reference)
+        return fid_from_features(self.extractor.features(samples), self.search_reference())
+
+    def search_reference(self):
+        """Statistics of the training split (cached like the reference's): what :meth:`score_fid` scores against."""
+        if self._search_reference is None:
+            data = self.data
+            self._search_reference = reference_stats(
+                self.extractor, lambda: image_batches(data.train, num_workers=self.cfg.num_workers), self.cfg.cache_dir,
+                {"dataset": data.name, "split": "train", "resolution": data.resolution, "source": data.source},
+            )
+        return self._search_reference
 
     def dense_samples(self) -> torch.Tensor:
         if self._dense_samples is None:

@@ -301,3 +301,21 @@ def test_semi_structured_linear_matches_dense_on_gpu():
     report = convert_semi_structured(model, ["0"], torch.device("cuda"))
     assert report.ran and report.layers == ["0"], report.skipped
     torch.testing.assert_close(model(x), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_pattern_mac_saving_is_the_harness_realised_saving(n: int) -> None:
+    from diffprune_bench.metrics.macs import count_macs
+    from diffprune_bench.models import build_model
+    from diffprune_bench.toolkit.masks import layer_macs_table
+    from diffprune_bench.toolkit.nm import NMPattern, apply_fixed_masks, pattern_mac_saving
+
+    model = build_model("tiny", seed=0).eval()
+    macs = layer_macs_table(model, (1, 8, 8))
+    pattern = NMPattern(n, 4)
+    plan = apply_fixed_masks(model, pattern)
+    report = count_macs(model, (1, 8, 8))
+    realised = 1 - report.effective / report.total
+    assert pattern_mac_saving(plan, pattern, *macs) == pytest.approx(realised, abs=1e-9)
+    # every eligible layer masked: the saving is the pattern's, short only by the dense layers' share
+    assert pattern.sparsity - 0.02 <= realised < pattern.sparsity

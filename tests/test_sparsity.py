@@ -180,3 +180,29 @@ def test_drop_fraction_schedule() -> None:
 def test_no_maskable_layer_is_a_bench_error() -> None:
     with pytest.raises(BenchError, match="no maskable"):
         MaskManager(nn.Sequential(nn.Linear(2, 2)), dense_layers=("*",))
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_mac_matched_densities_remove_the_target_share_of_model_macs(distribution: str) -> None:
+    from diffprune_bench.toolkit.masks import mac_matched_densities
+
+    # very different MACs per weight (a linear over 64 tokens, a conv at 4x4, one at 1x1)
+    shapes = {"hi": (8, 8, 3, 3), "lo": (16, 8, 3, 3), "fc": (32, 16)}
+    macs = {"hi": 576.0 * 16, "lo": 1152.0, "fc": 512.0 * 64}
+    total = sum(macs.values()) * 1.1  # plus unmaskable work (attention, dense layers)
+    densities = mac_matched_densities(shapes, macs, total, 0.5, distribution)
+    removed = sum(macs[n] * (1 - densities[n]) for n in shapes)
+    assert removed == pytest.approx(0.5 * total)
+    assert all(0 < d <= 1 for d in densities.values())
+    if distribution == "uniform":
+        assert len({round(d, 9) for d in densities.values()}) == 1
+    # planned by weight counts instead, the share of MACs removed is off
+    by_weights = layer_densities(shapes, 0.5, distribution)
+    assert abs(sum(macs[n] * (1 - by_weights[n]) for n in shapes) / total - 0.5) > 0.02
+
+
+def test_mac_matched_densities_reject_an_unreachable_saving() -> None:
+    from diffprune_bench.toolkit.masks import mac_matched_densities
+
+    with pytest.raises(BenchError, match="sparsity 0.95 is out of reach"):
+        mac_matched_densities({"a": (4, 4)}, {"a": 90.0}, 100.0, 0.95, "erk")

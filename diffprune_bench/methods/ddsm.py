@@ -1,23 +1,32 @@
 """DDSM: Denoising Diffusion Step-aware Models (Yang et al., ICLR 2024; code EnVision-Research/DDSM).
 
 Not every sampling step needs the whole network. DDSM trains one slimmable UNet that runs at widths
-{1.0, 0.75, 0.5, 0.25} (:mod:`diffprune_bench.toolkit.slimmable`) and then searches, with a genetic algorithm,
-which width to run at each sampling step. On CIFAR-10 the searched schedule runs the noisy steps at 0.5
-and the last low-noise steps at 1.0: 49 % fewer MACs at FID 3.55 vs 3.71 (paper Table 2).
+{1.0, 0.75, 0.5, 0.25} (:mod:`diffprune_bench.toolkit.slimmable`) and then searches, with an evolutionary
+algorithm, which width to run at each sampling step. On CIFAR-10 the searched schedule runs the noisy
+steps at 0.5 and the last low-noise steps at 1.0: 49 % fewer MACs at FID 3.55 vs 3.71 (paper Table 2).
 
-* Training (sandwich rule, Yu & Huang 2019, as the reference ``main.py --sandwich``): every step runs
-  width 1.0, width 0.25 and one random width from {0.75, 0.5}, each with its own timesteps and noise;
-  the three losses are summed, so one backward accumulates their gradients, and one optimizer step
-  follows.
-* Search: one gene per sampling step (the index of its width), pymoo's GA with single-point crossover
-  and per-gene random-reset mutation, the initial population seeded with the four uniform-width
-  schedules (reference ``MySampling``). Fitness is the harness's FID of the schedule on
-  ``fid_samples`` samples. ``--sparsity s`` is a hard budget: a schedule whose trajectory MACs exceed
-  ``(1 - s)`` x the dense model's at the same steps is infeasible (and never sampled). The paper's
-  scalarised objective ``F = fid_weight x FID + macs_weight x MMACs/step`` is ``objective: weighted``.
+* Supernet: trained from scratch (``init = "scratch"``: the harness builds a fresh model and gives it the
+  base model's budget, as the reference trains the slimmable network for the full schedule rather than
+  starting from a dense checkpoint). Sandwich rule (Yu & Huang 2019, as the reference ``main.py
+  --sandwich``): every step runs width 1.0, width 0.25 and one random width from {0.75, 0.5}, each with
+  its own timesteps and noise; the three losses are summed, one backward accumulates their gradients,
+  one optimizer step follows. The two narrow passes are compute beyond one forward/backward per step
+  and are recorded as such (``extra_compute``).
+* Search: one gene per sampling step (the index of its width), pymoo's NSGA-II (the reference's search)
+  with single-point crossover and per-gene random-reset mutation, the initial population seeded with the
+  uniform schedules that meet the budget (reference ``MySampling``). Fitness is the reference's
+  scalarised objective ``fid_weight x FID + macs_weight x MMACs per step`` (its defaults 0.5 and 0.001),
+  the FID coming from the harness's ``score_fid``: its own noise, scored against the *training* split's
+  statistics, never the evaluation reference.
+* Budget (the protocol's matched operating points): ``--sparsity s`` asks for a saving of ``s`` of the
+  dense trajectory MACs. A schedule is feasible when its saving lies within ``s +- tolerance`` (2 points
+  by default), so the search neither overshoots the budget nor leaves it unused; a repair operator moves
+  every candidate into that window (one width step at a time), so no evaluation is spent on a schedule
+  that could not be chosen.
 * Export: the supernet plus one :class:`~diffprune_bench.toolkit.slimmable.WidthView` per sampling step; the
-  record's ``method_info`` holds the schedule, the search history and cost, the MACs of each width,
-  and the FID of the best uniform-width schedule within the same budget (does step-awareness pay?).
+  record's ``method_info`` holds the schedule, the search history and cost, the MACs of each width, the
+  FID of the best uniform-width schedule within the same budget (does step-awareness pay?) and
+  ``extra_compute`` (sandwich passes and the search's sampling forwards, as MACs).
 """
 
 from __future__ import annotations
@@ -29,10 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
-from pymoo.algorithms.soo.nonconvex.ga import GA
+from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.callback import Callback
 from pymoo.core.problem import Problem
+from pymoo.core.repair import Repair
 from pymoo.core.sampling import Sampling
 from pymoo.core.variable import Integer
 from pymoo.operators.crossover.pntx import SinglePointCrossover
@@ -48,44 +57,46 @@ from diffprune_bench.toolkit.slimmable import WIDTHS, WidthView, make_slimmable,
 
 #: Sandwich rule: the widest and the narrowest width every step, plus one of these at random.
 MIDDLE_WIDTHS: tuple[float, ...] = (0.75, 0.5)
-OBJECTIVES = ("fid", "weighted")
+OBJECTIVES = ("weighted", "fid")
+#: a backward pass costs about twice the MACs of its forward (input and weight gradients)
+BACKWARD_PER_FORWARD = 2.0
 
 
 @dataclass
 class DDSMParams:
     """DDSM hyperparameters (reference flags in brackets).
 
-    The reference searches with population 50 for 10 generations [--pop_size 50 --num_generation 10]
-    scoring FID on 4,096 samples [--num_images 4096]. Those 500 FIDs are cheap next to CIFAR-10
-    training but not on a laptop CPU, so our defaults (10 x 5, 200 samples: about 45 FIDs, some
-    3 minutes at 50 DDIM steps on one CPU core for digits) are far smaller; set
-    ``population: 50, generations: 10, fid_samples: 4096`` for the paper's search.
-    ``generations`` counts the initial population as the first, as pymoo's ``n_gen`` does.
-    ``mutation_prob`` is per gene; ``None`` means 1 / sampling steps (the reference's 0.001 over its
-    1,000 steps: one gene per child on average). ``fid_weight`` / ``macs_weight`` are the reference's
-    defaults (1.0 in its README, 0.001 per MMAC). ``from_scratch`` re-initialises the weights before
-    training (the paper trains the supernet from scratch; we start from the dense base by default
-    because it is cheaper): the scratch variant trains for the run's fine-tune budget, so give it
-    ``--finetune-steps`` equal to the base budget for a like-for-like comparison.
-    ``export_uniform`` also evaluates the best uniform width within the budget as a second record
-    (variant ``uniform``) under the full protocol.
+    The reference searches with NSGA-II, population 50 for 10 generations [--pop_size 50
+    --num_generation 10], scoring FID on 4,096 samples [--num_images 4096] in
+    ``fid_weight x FID + macs_weight x MMACs`` [--fid_weight 0.5; 0.001 per MMAC]. Those 500 FIDs are
+    cheap next to CIFAR-10 training but not on a laptop CPU, so our defaults (16 x 8, 128 samples,
+    about 100 distinct schedules scored) are sized for the digits protocol, where three search seeds
+    pick schedules whose FIDs agree (``benchmarks/bench_ddsm.py``); set ``population: 50,
+    generations: 10, fid_samples: 4096`` for the paper's search. ``generations`` counts the initial
+    population as the first, as pymoo's ``n_gen`` does. ``mutation_prob`` is per gene; ``None`` means
+    1 / sampling steps (the reference's 0.001 over its 1,000 steps: one gene per child on average).
+    ``objective``: ``weighted`` (the reference's) or ``fid`` alone. ``tolerance``: the chosen schedule's
+    saving of trajectory MACs must lie within ``sparsity +- tolerance``. ``search_seed``: the GA's seed
+    (None: the run seed). ``export_uniform`` also evaluates the best uniform width within the budget as
+    a second record (variant ``uniform``) under the full protocol.
     """
 
-    from_scratch: bool = False
-    population: int = 10
-    generations: int = 5
-    fid_samples: int = 200
+    population: int = 16
+    generations: int = 8
+    fid_samples: int = 128
     mutation_prob: float | None = None
-    objective: str = "fid"
-    fid_weight: float = 1.0
+    objective: str = "weighted"
+    fid_weight: float = 0.5
     macs_weight: float = 0.001
+    tolerance: float = 0.02
+    search_seed: int | None = None
     export_uniform: bool = False
 
 
 # ---------------------------------------------------------------- the search (no diffusion in here)
 @dataclass
 class SearchResult:
-    """What the GA found and what it cost."""
+    """What the search found and what it cost."""
 
     genes: tuple[int, ...]
     fitness: float
@@ -97,39 +108,88 @@ class SearchResult:
 
 
 class _ScheduleProblem(Problem):
-    """One integer gene per sampling step; F = fitness, G = trajectory MACs over the budget (<= 0)."""
+    """One integer gene per sampling step; F = fitness; G = how far the trajectory MACs lie outside
+    ``[lower, upper]`` (both <= 0 when feasible)."""
 
     def __init__(self, fitness: Callable[[tuple[int, ...]], float], choice_macs: Sequence[float],
-                 num_genes: int, budget: float) -> None:
+                 num_genes: int, lower: float, upper: float) -> None:
         top = len(choice_macs) - 1
-        super().__init__(n_var=num_genes, n_obj=1, n_ieq_constr=1, xl=0, xu=top, vtype=int,
+        super().__init__(n_var=num_genes, n_obj=1, n_ieq_constr=2, xl=0, xu=top, vtype=int,
                          vars={i: Integer(bounds=(0, top)) for i in range(num_genes)})
-        self.fitness, self.choice_macs, self.budget = fitness, np.asarray(choice_macs, float), budget
+        self.fitness, self.choice_macs = fitness, np.asarray(choice_macs, float)
+        self.lower, self.upper = lower, upper
+        self.scale = num_genes * float(self.choice_macs.max())
         self.cache: dict[tuple[int, ...], float] = {}
+
+    def violation(self, genes: np.ndarray) -> np.ndarray:
+        """Per row: (MACs above ``upper``, MACs below ``lower``), relative to the widest schedule."""
+        macs = self.choice_macs[genes].sum(axis=1)
+        return np.stack([(macs - self.upper) / self.scale, (self.lower - macs) / self.scale], axis=1)
 
     def _evaluate(self, X: np.ndarray, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         genes = np.asarray(X, dtype=int)
-        over = (self.choice_macs[genes].sum(axis=1) - self.budget) / self.budget
+        violation = self.violation(genes)
         values = np.full(len(genes), np.inf)
-        for row, excess in enumerate(over):
-            if excess > 1e-9:
+        for row in range(len(genes)):
+            if (violation[row] > 1e-12).any():
                 continue  # infeasible: ranked by its violation alone, never scored
             key = tuple(int(g) for g in genes[row])
             if key not in self.cache:
                 self.cache[key] = float(self.fitness(key))
             values[row] = self.cache[key]
         out["F"] = values[:, None]
-        out["G"] = over[:, None]
+        out["G"] = violation
+
+
+def repair_genes(genes: np.ndarray, choice_macs: Sequence[float], lower: float, upper: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Move one schedule into ``[lower, upper]`` trajectory MACs, one width step at a time.
+
+    ``choice_macs`` falls with the index (wider first). Over budget, a random gene that can narrow is
+    narrowed by one step; under, a random gene that can widen is widened. Moves that would jump over
+    the window are taken only when no other exists; the loop stops inside the window or when stuck
+    (the caller's constraint then marks the schedule infeasible).
+    """
+    costs = np.asarray(choice_macs, float)
+    genes = np.asarray(genes, dtype=int).copy()
+    top = len(costs) - 1
+    total = float(costs[genes].sum())
+    for _ in range(genes.size * len(costs)):
+        if lower - 1e-9 <= total <= upper + 1e-9:
+            break
+        direction = 1 if total > upper else -1
+        movable = np.flatnonzero(genes < top) if direction > 0 else np.flatnonzero(genes > 0)
+        if movable.size == 0:
+            break
+        change = costs[genes[movable] + direction] - costs[genes[movable]]
+        landing = total + change
+        safe = movable[(landing >= lower - 1e-9) if direction > 0 else (landing <= upper + 1e-9)]
+        pick = int(rng.choice(safe if safe.size else movable))
+        total += float(costs[genes[pick] + direction] - costs[genes[pick]])
+        genes[pick] += direction
+    return genes
+
+
+class _WindowRepair(Repair):
+    """:func:`repair_genes` on every new candidate (initial population and offspring)."""
+
+    def _do(self, problem: _ScheduleProblem, X: np.ndarray, random_state: Any = None, **kwargs: Any) -> np.ndarray:
+        rng = random_state if random_state is not None else np.random.default_rng(0)
+        rows = [repair_genes(row, problem.choice_macs, problem.lower, problem.upper, rng)
+                for row in np.asarray(X, dtype=int)]
+        return np.asarray(rows, dtype=int).reshape(np.shape(X))
 
 
 class _UniformFirstSampling(Sampling):
-    """The initial population: the uniform schedules (one per choice), then pymoo's random integers."""
+    """The initial population: the uniform schedules inside the budget window, then pymoo's random
+    integers (repaired into the window)."""
 
-    def _do(self, problem: Problem, n_samples: int, *args: Any, random_state: Any = None, **kwargs: Any):
+    def _do(self, problem: _ScheduleProblem, n_samples: int, *args: Any, random_state: Any = None, **kwargs: Any):
         choices = int(problem.xu[0]) + 1
         uniform = np.repeat(np.arange(choices)[:, None], problem.n_var, axis=1)
-        rest = IntegerRandomSampling()._do(problem, max(0, n_samples - choices), random_state=random_state)
-        return np.vstack([uniform, rest.reshape(-1, problem.n_var)])[:n_samples]
+        uniform = uniform[(problem.violation(uniform) <= 1e-12).all(axis=1)]
+        rest = IntegerRandomSampling()._do(problem, max(0, n_samples - len(uniform)), random_state=random_state)
+        return np.vstack([uniform, np.asarray(rest).reshape(-1, problem.n_var)])[:n_samples].astype(int)
 
 
 class _History(Callback):
@@ -140,60 +200,76 @@ class _History(Callback):
         self.problem, self.rows = problem, []
 
     def notify(self, algorithm: Any) -> None:
-        best = algorithm.opt[0]
-        feasible = float(best.CV[0]) <= 0.0
+        best = _best(self.problem.cache)
         self.rows.append({
             "generation": int(algorithm.n_gen),
-            "best_fitness": float(best.F[0]) if feasible else None,
-            "best_genes": [int(g) for g in best.X],
+            "best_fitness": best[1] if best else None,
+            "best_genes": list(best[0]) if best else None,
             "fitness_evaluations": len(self.problem.cache),
         })
+
+
+def _best(cache: dict[tuple[int, ...], float]) -> tuple[tuple[int, ...], float] | None:
+    """The lowest fitness among the scored schedules (ties: the smallest genes, so the result is seeded)."""
+    if not cache:
+        return None
+    genes = min(cache, key=lambda key: (cache[key], key))
+    return genes, cache[genes]
 
 
 def search_schedule(
     fitness: Callable[[tuple[int, ...]], float],
     choice_macs: Sequence[float],
     num_genes: int,
-    budget: float,
+    lower: float,
+    upper: float,
     population: int,
     generations: int,
     seed: int,
     mutation_prob: float | None = None,
 ) -> SearchResult:
-    """Minimise ``fitness(genes)`` over schedules whose summed ``choice_macs[gene]`` fit ``budget``.
+    """Minimise ``fitness(genes)`` over schedules whose summed ``choice_macs[gene]`` lie in ``[lower, upper]``.
 
-    ``choice_macs[k]`` is the cost of choice ``k`` at one step; the uniform schedules seed the first
-    population. Each distinct feasible schedule is scored once (a cache), so ``fitness_evaluations``
+    ``choice_macs[k]`` is the cost of choice ``k`` at one step and must fall with ``k`` (widest first).
+    NSGA-II on one objective with two inequality constraints; every candidate is repaired into the
+    window first. Each distinct feasible schedule is scored once (a cache), so ``fitness_evaluations``
     is the real cost; ``candidates`` counts every individual pymoo evaluated.
     """
-    choices = len(choice_macs)
+    costs = [float(c) for c in choice_macs]
     if num_genes < 2:
         raise BenchError(f"the schedule search needs at least 2 sampling steps, got {num_genes}")
-    if population < choices:
-        raise BenchError(
-            f"population {population} must be at least {choices} (the uniform schedules seed it)"
-        )
+    if any(a <= b for a, b in zip(costs, costs[1:], strict=False)):
+        raise BenchError(f"choice MACs {costs} must fall strictly from the first (widest) choice to the last")
+    if population < 2:
+        raise BenchError(f"population {population} must be at least 2")
     if generations < 1:
         raise BenchError(f"generations {generations} must be at least 1")
-    if num_genes * min(choice_macs) > budget * (1 + 1e-9):
-        cheapest = num_genes * min(choice_macs)
-        raise BenchError(f"MAC budget {budget:.4g} is below the cheapest schedule ({cheapest:.4g})")
-    problem = _ScheduleProblem(fitness, choice_macs, num_genes, budget)
-    algorithm = GA(
+    if not lower <= upper:
+        raise BenchError(f"MAC window [{lower:.4g}, {upper:.4g}] is empty")
+    if num_genes * costs[-1] > upper * (1 + 1e-9):
+        raise BenchError(f"MAC budget {upper:.4g} is below the cheapest schedule ({num_genes * costs[-1]:.4g})")
+    problem = _ScheduleProblem(fitness, costs, num_genes, lower, upper)
+    algorithm = NSGA2(
         pop_size=population,
         sampling=_UniformFirstSampling(),
         crossover=SinglePointCrossover(),
         mutation=ChoiceRandomMutation(prob=1.0, prob_var=mutation_prob or 1.0 / num_genes),
+        repair=_WindowRepair(),
         eliminate_duplicates=True,
     )
     history = _History(problem)
     started = time.perf_counter()
     result = minimize(problem, algorithm, ("n_gen", generations), seed=seed, callback=history, verbose=False)
     wall = time.perf_counter() - started
-    genes = tuple(int(g) for g in np.asarray(result.X).reshape(-1))
+    best = _best(problem.cache)
+    if best is None:
+        raise BenchError(
+            f"no schedule of {num_genes} steps lands in the MAC window [{lower:.4g}, {upper:.4g}]; "
+            "widen the tolerance"
+        )
     return SearchResult(
-        genes=genes,
-        fitness=float(np.asarray(result.F).reshape(-1)[0]),
+        genes=best[0],
+        fitness=best[1],
         history=history.rows,
         fitness_evaluations=len(problem.cache),
         candidates=int(result.algorithm.evaluator.n_eval),
@@ -206,11 +282,11 @@ def search_schedule(
 @register_method("ddsm")
 class DDSM(Method):
     family = "step-aware"
-    init = "pretrained"
+    init = "scratch"
     Params = DDSMParams
     description = (
-        "DDSM (Yang et al., ICLR 2024): slimmable UNet at widths 1/0.75/0.5/0.25 trained with the sandwich "
-        "rule; a GA picks the width of each sampling step under the trajectory-MAC budget."
+        "DDSM (Yang et al., ICLR 2024): slimmable UNet at widths 1/0.75/0.5/0.25 trained from scratch with the "
+        "sandwich rule; NSGA-II picks the width of each sampling step at the target trajectory-MAC saving."
     )
 
     def __init__(self, params: DDSMParams | None = None) -> None:
@@ -222,8 +298,8 @@ class DDSM(Method):
         p = self.params
         if p.objective not in OBJECTIVES:
             raise BenchError(f"ddsm objective {p.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if p.population < len(WIDTHS):
-            raise BenchError(f"ddsm population {p.population} must be at least {len(WIDTHS)}")
+        if p.population < 2:
+            raise BenchError(f"ddsm population {p.population} must be at least 2")
         if p.generations < 1:
             raise BenchError(f"ddsm generations {p.generations} must be at least 1")
         if p.fid_samples < 2:
@@ -232,20 +308,18 @@ class DDSM(Method):
             raise BenchError(f"ddsm mutation_prob {p.mutation_prob} must be in (0, 1] (or null: 1/steps)")
         if p.fid_weight < 0 or p.macs_weight < 0:
             raise BenchError("ddsm fid_weight and macs_weight must be non-negative")
+        if not 0.0 < p.tolerance < 1.0:
+            raise BenchError(f"ddsm tolerance {p.tolerance} must be in (0, 1) (a fraction of the dense MACs)")
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        if self.params.from_scratch:
-            torch.manual_seed(ctx.seed)
-            fresh = UNet2DModel.from_config(model.config)
-            model.load_state_dict(fresh.state_dict())
         make_slimmable(model)
         self.width_macs = {w: float(ctx.count_macs(WidthView(model, w))) for w in WIDTHS}
-        floor = min(self.width_macs.values()) / self.width_macs[1.0]
-        if ctx.sparsity > 1.0 - floor + 1e-9:
+        reach = 1.0 - min(self.width_macs.values()) / self.width_macs[1.0]
+        if ctx.sparsity > reach + self.params.tolerance + 1e-9:
             raise BenchError(
                 f"ddsm sparsity {ctx.sparsity:g} is out of reach: running every step at width "
-                f"{min(WIDTHS):g} removes {1.0 - floor:.1%} of the trajectory MACs "
-                f"(allowed: sparsity <= {1.0 - floor:.3f})"
+                f"{min(WIDTHS):g} removes {reach:.1%} of the trajectory MACs "
+                f"(allowed: sparsity <= {reach + self.params.tolerance:.3f})"
             )
         return model
 
@@ -265,6 +339,12 @@ class DDSM(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sandwich_counts = dict(state["sandwich_counts"])
 
+    def budget_window(self, sparsity: float, steps: int) -> tuple[float, float]:
+        """Trajectory MACs a schedule may cost: a saving of ``sparsity +- tolerance`` of the dense trajectory."""
+        dense = steps * self.width_macs[1.0]
+        tol = self.params.tolerance
+        return max(0.0, 1.0 - sparsity - tol) * dense, (1.0 - sparsity + tol) * dense
+
     def export(self, model: nn.Module, ctx: MethodContext) -> Deployable | list[Deployable]:
         if ctx.score_fid is None:
             raise BenchError("ddsm needs the harness's FID scorer (ctx.score_fid) for its search")
@@ -276,46 +356,50 @@ class DDSM(Method):
         steps = ctx.sample_steps
         choice_macs = [self.width_macs[w] for w in WIDTHS]
         dense_trajectory = steps * self.width_macs[1.0]
-        budget = (1.0 - ctx.sparsity) * dense_trajectory
+        lower, upper = self.budget_window(ctx.sparsity, steps)
         fids: dict[tuple[int, ...], float] = {}
 
         def fitness(genes: tuple[int, ...]) -> float:
-            schedule = [views[WIDTHS[g]] for g in genes]
-            fid = float(ctx.score_fid(Deployable(model, step_modules=schedule), p.fid_samples))
-            fids[genes] = fid
-            if p.objective == "fid":
-                return fid
-            mmacs_per_step = sum(choice_macs[g] for g in genes) / len(genes) / 1e6
-            return p.fid_weight * fid + p.macs_weight * mmacs_per_step
+            if genes not in fids:
+                schedule = [views[WIDTHS[g]] for g in genes]
+                fids[genes] = float(ctx.score_fid(Deployable(model, step_modules=schedule), p.fid_samples))
+            return self._objective(fids[genes], genes, choice_macs)
 
-        result = search_schedule(fitness, choice_macs, steps, budget, p.population, p.generations,
-                                 seed=ctx.seed, mutation_prob=p.mutation_prob)
+        seed = ctx.seed if p.search_seed is None else p.search_seed
+        result = search_schedule(fitness, choice_macs, steps, lower, upper, p.population, p.generations,
+                                 seed=seed, mutation_prob=p.mutation_prob)
         schedule = [WIDTHS[g] for g in result.genes]
         trajectory = sum(self.width_macs[w] for w in schedule)
-        uniform = self._best_uniform(fids, steps, budget)
+        uniform = self._best_uniform(fitness, fids, steps, upper)
         info = {
-            "init": "scratch" if p.from_scratch else "pretrained",
+            "init": "scratch",
+            "supernet_training": {"init": "scratch", "optimizer_steps": ctx.total_steps,
+                                  "batch_size": ctx.batch_size, "rule": "sandwich (1.0, 0.25, one of 0.75/0.5)"},
             "widths": list(WIDTHS),
             "schedule": schedule,
             "schedule_order": "sampling order: index 0 is the first (noisiest) DDIM step",
             "width_counts": {str(w): schedule.count(w) for w in WIDTHS},
             "macs_per_width": {str(w): self.width_macs[w] for w in WIDTHS},
             "macs_trajectory_dense": dense_trajectory,
-            "macs_trajectory_budget": budget,
+            "macs_trajectory_window": [lower, upper],
             "macs_trajectory": trajectory,
+            "macs_saving_target": ctx.sparsity,
+            "macs_saving": 1.0 - trajectory / dense_trajectory,
             "fid_search": fids[result.genes],
+            "fid_search_reference": "training split (never the evaluation reference)",
             "sandwich_middle_counts": dict(self.sandwich_counts),
             "search": {
-                "algorithm": "pymoo GA (single-point crossover, per-gene random-reset mutation, "
-                             "uniform schedules seeded)",
+                "algorithm": "pymoo NSGA-II (single-point crossover, per-gene random-reset mutation, repair "
+                             "into the MAC window, uniform schedules in the window seeded)",
                 "objective": p.objective,
                 "fid_weight": p.fid_weight if p.objective == "weighted" else None,
                 "macs_weight": p.macs_weight if p.objective == "weighted" else None,
+                "tolerance": p.tolerance,
                 "population": p.population,
                 "generations": p.generations,
                 "fid_samples": p.fid_samples,
                 "mutation_prob": p.mutation_prob or 1.0 / steps,
-                "seed": ctx.seed,
+                "seed": seed,
                 "best_fitness": result.fitness,
                 "fitness_evaluations": result.fitness_evaluations,
                 "candidates": result.candidates,
@@ -323,6 +407,7 @@ class DDSM(Method):
                 "history": result.history,
             },
             "uniform_baseline": uniform,
+            "extra_compute": self.extra_compute(ctx.batch_size, fids, p.fid_samples),
         }
         deployable = Deployable(model, step_modules=[views[w] for w in schedule], info=info)
         if not p.export_uniform:
@@ -331,16 +416,50 @@ class DDSM(Method):
         uniform_info = {"schedule": [uniform["width"]] * steps, "uniform_of": "ddsm", **uniform}
         return [deployable, Deployable(model, step_modules=uniform_views, label="uniform", info=uniform_info)]
 
-    def _best_uniform(self, fids: dict[tuple[int, ...], float], steps: int, budget: float) -> dict[str, Any]:
-        """The best single width that fits the budget, scored like every search candidate.
+    def _objective(self, fid: float, genes: Sequence[int], choice_macs: Sequence[float]) -> float:
+        """The reference's scalarised objective (or FID alone): lower is better."""
+        p = self.params
+        if p.objective == "fid":
+            return fid
+        mmacs_per_step = sum(choice_macs[g] for g in genes) / len(genes) / 1e6
+        return p.fid_weight * fid + p.macs_weight * mmacs_per_step
 
-        The search always scores the feasible uniform schedules (they seed its first population)."""
+    def extra_compute(self, batch_size: int, scored: dict[tuple[int, ...], float], fid_samples: int) -> dict[str, Any]:
+        """MACs spent beyond one forward/backward per optimizer step: the sandwich's two narrow passes
+        (forward and backward) and every sampling forward of the search (each scored schedule once)."""
+        narrow = self.width_macs[min(WIDTHS)]
+        sandwich_steps = sum(self.sandwich_counts.values())
+        sandwich_forward = batch_size * sum(
+            count * (narrow + self.width_macs[float(width)]) for width, count in self.sandwich_counts.items()
+        )
+        search_forward = fid_samples * sum(sum(self.width_macs[WIDTHS[g]] for g in genes) for genes in scored)
+        return {
+            "forward_macs": float(sandwich_forward + search_forward),
+            "backward_macs": float(BACKWARD_PER_FORWARD * sandwich_forward),
+            "passes": {
+                "sandwich_steps": sandwich_steps,
+                "sandwich_extra_forward_backward_per_step": 2,
+                "sandwich_extra_images": 2 * sandwich_steps * batch_size,
+                "sandwich_forward_macs": float(sandwich_forward),
+                "search_schedules_scored": len(scored),
+                "search_samples_per_schedule": fid_samples,
+                "search_unet_forwards": fid_samples * sum(len(genes) for genes in scored),
+                "search_forward_macs": float(search_forward),
+                "backward_macs_per_forward_mac": BACKWARD_PER_FORWARD,
+            },
+        }
+
+    def _best_uniform(self, fitness: Callable[[tuple[int, ...]], float], fids: dict[tuple[int, ...], float],
+                      steps: int, upper: float) -> dict[str, Any]:
+        """The best single width that saves at least the target less the tolerance, scored like every
+        search candidate (a uniform schedule outside the search window costs one more FID)."""
         rows = []
         for index, width in enumerate(WIDTHS):
             genes = (index,) * steps
             macs = steps * self.width_macs[width]
-            if macs <= budget * (1 + 1e-9):
-                rows.append({"width": width, "fid": fids[genes], "macs_trajectory": macs})
-        best = min(rows, key=lambda row: row["fid"])
+            if macs <= upper * (1 + 1e-9):
+                objective = fitness(genes)
+                rows.append({"width": width, "fid": fids[genes], "objective": objective, "macs_trajectory": macs})
+        best = min(rows, key=lambda row: row["objective"])
         return {**best, "fid_samples": self.params.fid_samples,
                 "feasible": {str(row["width"]): row["fid"] for row in rows}}

@@ -24,7 +24,7 @@ from diffprune_bench.context import MethodContext
 from diffprune_bench.diffusion import predict_noise
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.toolkit.masks import layer_name_list
+from diffprune_bench.toolkit.masks import layer_macs_table, layer_name_list
 from diffprune_bench.toolkit.nm import (
     DEFAULT_DENSE_LAYERS,
     MASK_TYPES,
@@ -37,6 +37,7 @@ from diffprune_bench.toolkit.nm import (
     convert_semi_structured,
     parse_pattern,
     pattern_for_sparsity,
+    pattern_mac_saving,
     remove_masks,
     semi_structured_compatible,
     stage_at,
@@ -194,6 +195,7 @@ class SparseDM(Method):
         p: SparseDMParams = self.params
         dense = remove_masks(copy.deepcopy(model)).eval()
         patterns = self.inference or default_inference_patterns(self.target)
+        macs = layer_macs_table(dense, ctx.sample_shape)  # the saving each pattern realises (see toolkit/nm.py)
         deployables = []
         for pattern in patterns:
             variant = copy.deepcopy(dense)
@@ -209,6 +211,7 @@ class SparseDM(Method):
                 "distillation": bool(p.w_kd and ctx.teacher is not None),
                 "masked_layers": len(plan.masked),
                 "dense_kept": plan.dense_kept,
+                "macs_saving_planned": round(pattern_mac_saving(plan, pattern, *macs), 6),
             }
             info.update(self._sparse_kernel(variant, plan, pattern, ctx.device))
             label = pattern.label if p.mask_type == "nm" else f"unstructured-{pattern.sparsity:g}"

@@ -18,7 +18,17 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
-from diffprune_bench.toolkit.masks import DEFAULT_DENSE_LAYERS, DISTRIBUTIONS, MaskManager, layer_name_list
+from diffprune_bench.toolkit.masks import (
+    DEFAULT_DENSE_LAYERS,
+    DISTRIBUTIONS,
+    MaskManager,
+    layer_macs_table,
+    layer_name_list,
+)
+
+#: what ``--sparsity`` means: the fraction of the model's MACs the masks remove (the protocol's matched
+#: operating point), or RigL's fraction of maskable weights
+TARGETS = ("macs", "weights")
 
 #: offsets from the run seed, so the mask draw and MagRan's growth never share the training stream
 MASK_SEED_OFFSET = 7_919
@@ -31,16 +41,23 @@ class StaticParams:
     ``distribution``: layer densities, ``erk`` (Erdos-Renyi-Kernel; RigL's default for its best
     results, Evci et al. 2020 section 3) or ``uniform``. ``dense_layers``: module names or fnmatch
     patterns left dense; the UNet's input and output convs, as RigL keeps the first layer dense.
+    ``target``: ``macs`` (default) solves the layer densities, in the distribution's shape, so the masks
+    remove ``sparsity`` of the model's MACs as the harness counts them (layers differ in MACs per weight,
+    so RigL's weight-count sparsity lands off the MAC operating point other families are compared at);
+    ``weights`` is RigL's own convention, ``sparsity`` of the maskable weights.
     """
 
     distribution: str = "erk"
     dense_layers: tuple[str, ...] = DEFAULT_DENSE_LAYERS
+    target: str = "macs"
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
             raise BenchError(
                 f"distribution {self.distribution!r} is not allowed; allowed: {', '.join(DISTRIBUTIONS)}"
             )
+        if self.target not in TARGETS:
+            raise BenchError(f"target {self.target!r} is not allowed; allowed: {', '.join(TARGETS)}")
         self.dense_layers = tuple(layer_name_list(self.dense_layers, "dense_layers"))
 
 
@@ -56,6 +73,7 @@ class Static(Method):
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
         self.manager: MaskManager | None = None
+        self.macs: tuple[dict[str, float], float] | None = None  # per-layer and model MACs (target "macs")
         self.mask_updates = 0
         self.weights_regrown = 0
         self.regrown_per_update: list[int] = []
@@ -65,7 +83,8 @@ class Static(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self.manager = MaskManager(model, self.params.dense_layers)
         generator = torch.Generator().manual_seed(ctx.seed + MASK_SEED_OFFSET)
-        self.manager.init_random(ctx.sparsity, self.params.distribution, generator)
+        self.macs = layer_macs_table(model, ctx.sample_shape) if self.params.target == "macs" else None
+        self.manager.init_random(ctx.sparsity, self.params.distribution, generator, macs=self.macs)
         return model
 
     def is_update_step(self, step: int, ctx: MethodContext) -> bool:
@@ -84,6 +103,9 @@ class Static(Method):
         info = {
             **self.manager.summary(),
             "sparsity_target": ctx.sparsity,
+            "target": self.params.target,
+            "macs_saving_planned": (round(self.manager.mac_saving(*self.macs), 6) if self.macs is not None
+                                    else None),
             "distribution": self.params.distribution,
             "mask_updates": self.mask_updates,
             "weights_regrown": self.weights_regrown,

@@ -13,6 +13,14 @@ Layer densities follow Evci et al. 2020 ("Rigging the Lottery", google-research/
 ``raw_l = sum(shape_l) / prod(shape_l)``, scaled by one ``eps`` so the total number of active weights
 is ``(1 - sparsity) x maskable``; a layer whose ``eps x raw_l`` would exceed 1 is made dense and ``eps``
 recomputed for the rest. N:M masks live in ``nm.py``; this module is only for unstructured masks.
+
+**Planned against MACs.** Layers differ in MACs per weight (a conv at 8x8 runs each weight 64 times, one
+at 2x2 four times), so a weight sparsity ``s`` does not remove ``s`` of the MACs, and the protocol
+compares rows at the saving of effective MACs. :func:`mac_matched_densities` keeps the distribution's
+shape (ERK's ``raw_l`` or uniform) but solves ``eps`` so the MACs the masks remove are ``s`` of the whole
+model's MACs (the fraction the harness reports as ``macs_reduction``), measured by the harness's own
+counter (:func:`layer_macs_table`). RigL/MagRan keep every layer's active count, so the saving planned at
+initialisation is the saving at export.
 """
 
 from __future__ import annotations
@@ -86,20 +94,63 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[s
     """
     _check_density(density)
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
-    target = density * sum(sizes.values())
+    return _capped_densities(_raw_erk(shapes), sizes, density * sum(sizes.values()))
+
+
+def _raw_erk(shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    return {name: sum(shape) / math.prod(shape) for name, shape in shapes.items()}
+
+
+def _capped_densities(raw: Mapping[str, float], weights: Mapping[str, float], target: float) -> dict[str, float]:
+    """``density_l = min(1, eps x raw_l)`` with ``eps`` such that ``sum_l density_l x weights_l = target``:
+    layers over 1 are made dense and ``eps`` recomputed for the rest until none is over (the cascade)."""
     dense: set[str] = set()
     while True:
-        sparse = [name for name in shapes if name not in dense]
+        sparse = [name for name in raw if name not in dense and weights[name] > 0]
         if not sparse:
             break
-        budget = target - sum(sizes[name] for name in dense)
-        eps = budget / sum(raw[name] * sizes[name] for name in sparse)
+        budget = target - sum(weights[name] for name in dense)
+        eps = budget / sum(raw[name] * weights[name] for name in sparse)
         over = [name for name in sparse if eps * raw[name] > 1.0]
         if not over:
-            return {name: 1.0 if name in dense else eps * raw[name] for name in shapes}
+            return {name: 1.0 if name in dense else min(1.0, eps * raw[name]) for name in raw}
         dense.update(over)
-    return dict.fromkeys(shapes, 1.0)
+    return dict.fromkeys(raw, 1.0)
+
+
+def mac_matched_densities(shapes: Mapping[str, Sequence[int]], layer_macs: Mapping[str, float],
+                          total_macs: float, saving: float, distribution: str) -> dict[str, float]:
+    """Layer densities whose masks remove ``saving`` x ``total_macs`` MACs: ``sum_l macs_l (1 - d_l)``.
+
+    ``layer_macs`` are the MACs of one forward of each maskable layer, ``total_macs`` those of the whole
+    model (unmaskable layers and attention included, as the harness counts them). The densities keep
+    the shape of ``distribution`` (ERK's ``raw_l``, or one density for all) with the same dense capping
+    as :func:`erk_densities`, weighted by MACs instead of weight counts. A layer without MACs gets the
+    density of the MAC-weighted solution's ``eps`` (it changes nothing the counter sees).
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise BenchError(f"unknown density distribution {distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+    if not 0.0 <= saving < 1.0:
+        raise BenchError(f"sparsity {saving!r} is outside [0, 1)")
+    macs = {name: float(layer_macs.get(name, 0.0)) for name in shapes}
+    maskable = sum(macs.values())
+    keep = maskable - saving * total_macs
+    if keep <= 0:
+        raise BenchError(
+            f"sparsity {saving:g} is out of reach for masks on these layers: they carry "
+            f"{maskable / total_macs:.1%} of the MACs (allowed: sparsity < {maskable / total_macs:.3f})"
+        )
+    raw = _raw_erk(shapes) if distribution == "erk" else dict.fromkeys(shapes, 1.0)
+    return _capped_densities(raw, macs, keep)
+
+
+def layer_macs_table(model: nn.Module, sample_shape: tuple[int, int, int]) -> tuple[dict[str, float], float]:
+    """Per Conv2d/Linear MACs of one forward and the model's total, from the harness's counter (so the
+    planned saving is the one the record reports)."""
+    from diffprune_bench.metrics.macs import count_macs
+
+    report = count_macs(model, sample_shape)
+    return {name: float(entry["macs"]) for name, entry in report.per_layer.items()}, float(report.total)
 
 
 def uniform_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
@@ -201,6 +252,12 @@ class MaskManager:
         """Fraction of maskable weights that are masked out."""
         return 1.0 - self.active_params / self.maskable_params
 
+    def mac_saving(self, layer_macs: Mapping[str, float], total_macs: float) -> float:
+        """Fraction of ``total_macs`` the current masks remove (each layer's MACs times its pruned fraction)."""
+        removed = sum(float(layer_macs.get(name, 0.0)) * (1.0 - count / self.modules[name].weight.numel())
+                      for name, count in self.active_counts().items())
+        return removed / total_macs
+
     def density_report(self) -> dict[str, dict[str, object]]:
         """Per layer: shape, number of weights, active weights and density."""
         report: dict[str, dict[str, object]] = {}
@@ -223,12 +280,19 @@ class MaskManager:
     # -- writing
     @torch.no_grad()
     def init_random(self, sparsity: float, distribution: str = "erk", generator: torch.Generator | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-        """Random masks with exactly ``round((1 - sparsity) x maskable)`` active weights in total, spread
-        over layers by ``distribution``; positions drawn uniformly per layer with ``generator`` (CPU)."""
-        densities = layer_densities(self.shapes(), 1.0 - sparsity, distribution)
+                    optimizer: torch.optim.Optimizer | None = None,
+                    macs: tuple[Mapping[str, float], float] | None = None) -> dict[str, int]:
+        """Random masks spread over layers by ``distribution``; positions drawn uniformly per layer with
+        ``generator`` (CPU). Without ``macs``, exactly ``round((1 - sparsity) x maskable)`` weights stay
+        active; with ``macs`` = (per-layer MACs, model MACs), the densities remove ``sparsity`` of the
+        model's MACs (:func:`mac_matched_densities`)."""
         sizes = {name: module.weight.numel() for name, module in self.modules.items()}
-        total = round((1.0 - sparsity) * self.maskable_params)
+        if macs is None:
+            densities = layer_densities(self.shapes(), 1.0 - sparsity, distribution)
+            total = round((1.0 - sparsity) * self.maskable_params)
+        else:
+            densities = mac_matched_densities(self.shapes(), macs[0], macs[1], sparsity, distribution)
+            total = round(sum(densities[name] * sizes[name] for name in sizes))
         counts = allocate_counts(sizes, densities, total)
         masks = {}
         for name, module in self.modules.items():
