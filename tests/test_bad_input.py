@@ -71,6 +71,7 @@ def _saved_run(root: Path) -> None:
                                       "num_samples": 8, "lr": 0.001, "results_dir": str(root / "runs"),
                                       "cache_dir": str(root / "cache"), "run_id": "kept"}))
     write_config(root / "runs" / "kept", cfg.to_dict())
+    _write(root / "runs" / "kept" / "checkpoint" / "checkpoint.pt", "")  # a checkpoint is there to resume from
 
 
 def _file_in_the_way(root: Path) -> None:

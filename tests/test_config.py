@@ -48,7 +48,7 @@ def test_cli_bad_value_is_one_line_exit_2():
 
 def test_cli_yaml_config_is_overridden_by_flags(tmp_path, monkeypatch):
     config = tmp_path / "run.yaml"
-    config.write_text("method: dense\nsparsity: 0.9\nseed: 7\n")
+    config.write_text("method: magnitude\nsparsity: 0.9\nseed: 7\n")
     captured = {}
 
     def fake_run(cfg):
