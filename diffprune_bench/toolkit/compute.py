@@ -21,6 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
+from diffprune_bench.metrics.macs import count_macs
+
 #: backward MACs per forward MAC (input gradients + weight gradients)
 BACKWARD_FACTOR = 2.0
 
@@ -66,3 +70,15 @@ class ExtraCompute:
         """What ``Deployable.info["extra_compute"]`` holds."""
         return {"forward_macs": float(self.forward_macs), "backward_macs": float(self.backward_macs),
                 "passes": dict(self.passes), "backward_factor": BACKWARD_FACTOR}
+
+
+def dense_gradient_macs(model: nn.Module, sample_shape: tuple[int, int, int]) -> float:
+    """Backward MACs per sample that a dense gradient costs beyond a sparse step's: f_D - f_S.
+
+    RigL's accounting (Evci et al. 2020, appendix H): a sparse step costs 3 f_S (forward f_S,
+    backward 2 f_S); an update step that needs the dense weight gradient costs 2 f_S + f_D, i.e.
+    f_D - f_S more. f_D is the dense forward MACs of one sample, f_S the effective ones (each
+    conv/linear at its weight density), both from the harness counter on the masked ``model``.
+    """
+    report = count_macs(model, sample_shape)
+    return max(0.0, float(report.total) - float(report.effective))
