@@ -89,12 +89,11 @@ class RigL(Static):
 
     def export(self, model: nn.Module, ctx: MethodContext) -> Deployable:
         """Static's export, plus the dense gradients' extra backward MACs (none for MagRan)."""
-        extra_per_sample = dense_gradient_macs(model, ctx.sample_shape) if self.dense_gradient_reads else 0.0
-        deployable = super().export(model, ctx)
+        deployable = super().export(model, ctx)  # masks re-applied: the pruned weights are exact zeros
         if self.dense_gradient_reads:
-            extra = ExtraCompute(ctx.count_macs(model))
+            extra = ExtraCompute(ctx.count_macs(deployable.model))
             extra.add_backward("dense_gradient", samples=ctx.batch_size, passes=self.dense_gradient_reads,
-                               backward_macs_per_sample=extra_per_sample)
+                               backward_macs_per_sample=dense_gradient_macs(deployable.model, ctx.sample_shape))
             deployable.info["extra_compute"] = extra.as_info()
         return deployable
 
