@@ -136,8 +136,8 @@ def methods() -> None:
     """List registered methods: name, family, init and what they do."""
     from diffprune_bench.registry import get_method_class, method_names
 
-    rows = [(n, get_method_class(n).family, get_method_class(n).init, get_method_class(n).description)
-            for n in method_names()]
+    rows = [(get_method_class(n).display_name or n, get_method_class(n).family, get_method_class(n).init,
+             get_method_class(n).description) for n in method_names()]
     width = max(len(r[0]) for r in rows)
     typer.echo(f"{'name':<{width}}  {'family':<12}  {'init':<10}  description")
     for name, family, init, description in rows:

@@ -401,6 +401,7 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         "git_commit": git_commit(),
         "harness_version": __version__,
         "method": cfg.method,
+        "method_label": method.display_name or method.name,
         "family": method.family,
         "init": method.init,
         "is_baseline": method.is_baseline,

@@ -145,6 +145,9 @@ class Method:
     family: ClassVar[str] = "dense"
     init: ClassVar[str] = "pretrained"
     description: ClassVar[str] = ""
+    #: Label for listings and the leaderboard when it must say more than the name (e.g. that the method
+    #: is our reading of a paper); "" shows the name.
+    display_name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     #: True for the baseline row: the harness evaluates the cached dense base itself (no training).
     is_baseline: ClassVar[bool] = False

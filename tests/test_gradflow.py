@@ -175,6 +175,11 @@ def test_gradflow_stage_soft_masks_then_a_smaller_graph_equal_to_the_masked_mode
     assert info["macs_reduction_achieved"] == pytest.approx(achieved, abs=1e-6)
     assert info["pruning_iterations"] == 4 and info["mask_values"] == [0.75, 0.5, 0.25, 0.0]
     assert info["mask_schedule"] == "linear" and 0 < info["channel_ratio"] < 1
+    # four scorings, each a forward and a double backward (two backwards) of one batch of 8 at dense MACs
+    extra = info["extra_compute"]
+    assert extra["passes"] == {"double_backward_scoring": 4}
+    assert extra["forward_macs"] == pytest.approx(ctx.count_macs(dense) * 8 * 4)
+    assert extra["backward_macs"] == pytest.approx(4 * extra["forward_macs"])
 
 
 def test_gradflow_finishes_the_stage_at_export_when_the_budget_is_zero() -> None:
@@ -220,5 +225,6 @@ def test_gradflow_tiny_end_to_end(tiny_config) -> None:
     assert info["macs_reduction_achieved"] == pytest.approx(metrics["macs_reduction"], abs=1e-4)
     assert info["pruning_steps"] == [0, 1] and info["mask_values"] == [0.5, 0.0]  # 8 steps, stage 0.3
     assert record["training"]["optimizer_steps"] == cfg.finetune_steps
+    assert record["method_label"] == "gradflow (our reading)"
     reloaded = PrunedUNet2DModel.from_pretrained(record["paths"]["model"])
     assert count_params(reloaded)[0] == metrics["params_total"] < count_params(build_model("tiny"))[0]

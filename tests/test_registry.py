@@ -95,3 +95,21 @@ def test_methods_registry_discovers_before_lookup():
     assert registry.METHODS.lookup("rigl").name == "rigl"
     with pytest.raises(BenchError, match="unknown method 'nope'"):
         registry.METHODS.lookup("nope")
+
+
+def test_a_display_name_labels_the_method_in_the_listing_and_the_leaderboard():
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from diffprune_bench.cli import app
+    from diffprune_bench.report.leaderboard import row_label
+
+    assert registry.Method.display_name == ""
+    assert registry.get_method_class("gradflow").display_name == "gradflow (our reading)"
+    listing = CliRunner().invoke(app, ["methods"])
+    assert listing.exit_code == 0
+    lines = {line.split("  ")[0].strip(): line for line in listing.output.splitlines()}
+    assert "gradflow (our reading)" in lines and "magnitude" in lines  # others keep their name
+    row = pd.Series({"label": "gradflow (our reading)", "method": "gradflow", "variant": "", "then": "",
+                     "sparsity": 0.5, "trained_sparsity": 0.5})
+    assert row_label(row) == "gradflow (our reading)"

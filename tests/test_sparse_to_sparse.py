@@ -209,6 +209,13 @@ def test_end_to_end_tiny_run(tiny_config, name: str) -> None:
         1 for t in range(1, steps + 1) if t % 5 == 0 and t <= 0.75 * steps)
     assert info["mask_updates"] == expected_updates
     assert (info["weights_regrown"] > 0) == (name != "static")
+    if name == "rigl":  # each dense-gradient read costs f_D - f_S more per sample (RigL's accounting)
+        extra = info["extra_compute"]
+        assert extra["passes"] == {"dense_gradient": expected_updates} and extra["forward_macs"] == 0
+        per_sample = metrics["macs_dense"] - metrics["macs_effective"]
+        assert extra["backward_macs"] == pytest.approx(32 * expected_updates * per_sample, rel=1e-6)
+    else:  # no pass outside the optimizer steps
+        assert "extra_compute" not in info
     if name != "static":  # the first update replaces about drop_fraction_t of the active weights
         first = drop_fraction_at(5, 0.3, 0.75 * steps)
         assert 0 < info["regrown_per_update"][0] <= math.floor(first * info["active_params"])

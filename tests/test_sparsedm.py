@@ -18,7 +18,7 @@ from diffprune_bench.methods.sparsedm import default_inference_patterns
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import create_method
-from diffprune_bench.toolkit.nm import nonzeros_per_group
+from diffprune_bench.toolkit.nm import NMPattern, fit_pattern, nonzeros_per_group
 from diffprune_bench.trainer import CHECKPOINT_NAME, Trainer
 
 SHAPE = (1, 8, 8)
@@ -37,9 +37,10 @@ def _weight_density(model: nn.Module, name: str) -> float:
 def test_patterns_follow_the_sparsity():
     method = create_method("sparsedm")
     for sparsity, stages, inference in (
-        (0.5, ["4:4", "3:4", "2:4"], ["2:4", "1:4", "3:4"]),
-        (0.25, ["4:4", "3:4"], ["3:4", "2:4"]),
-        (0.75, ["4:4", "3:4", "2:4", "1:4"], ["1:4", "2:4"]),
+        # the reference schedule (train_c10_multi_step31.py): no dense stage, the pruned share doubling
+        (0.5, ["31:32", "15:16", "7:8", "3:4", "2:4"], ["2:4", "1:4", "3:4"]),
+        (0.25, ["31:32", "15:16", "7:8", "3:4"], ["3:4", "2:4"]),
+        (0.75, ["31:32", "15:16", "7:8", "3:4", "2:4", "1:4"], ["1:4", "2:4"]),
     ):
         target, resolved, shares = method._resolve_stages(sparsity)
         assert [s.label for s in resolved] == stages and shares == [1.0] * len(stages)
@@ -58,7 +59,7 @@ def test_params_are_validated_and_normalised():
     with pytest.raises(BenchError, match="end at 3:4"):
         create_method("sparsedm", {"stages": ["4:4", "3:4"]})._resolve_stages(0.5)
     with pytest.raises(BenchError, match="M=4"):
-        create_method("sparsedm", {"stages": ["8:8", "2:4"]})._resolve_stages(0.5)
+        create_method("sparsedm", {"stages": ["5:6", "2:4"]})._resolve_stages(0.5)
     with pytest.raises(BenchError, match="stage_shares"):
         create_method("sparsedm", {"stage_shares": [1, 2]})._resolve_stages(0.5)
     with pytest.raises(BenchError, match="allowed with M=4"):
@@ -67,7 +68,7 @@ def test_params_are_validated_and_normalised():
 
 def test_progressive_stages_switch_at_the_right_steps(tiny_config):
     ctx = _context(tiny_config, steps=9)
-    method = create_method("sparsedm", {"w_kd": 0.0})
+    method = create_method("sparsedm", {"w_kd": 0.0, "w_eps": 1.0, "stages": ["4:4", "3:4", "2:4"]})
     model = method.prepare(build_model("tiny", seed=0), ctx)
     seen: list[float] = []
     model.register_forward_pre_hook(
@@ -79,13 +80,15 @@ def test_progressive_stages_switch_at_the_right_steps(tiny_config):
 
 def test_resume_continues_in_the_right_stage(tiny_config, tmp_path):
     ctx = _context(tiny_config, steps=6)
-    method = create_method("sparsedm", {"w_kd": 0.0, "stage_shares": [1, 1, 4]})
+    method = create_method("sparsedm", {"w_kd": 0.0, "w_eps": 1.0, "stages": ["4:4", "3:4", "2:4"],
+                                        "stage_shares": [1, 1, 4]})
     model = method.prepare(build_model("tiny", seed=0), ctx)
     Trainer(model, method, ctx, lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=3).train()
     assert (tmp_path / CHECKPOINT_NAME).is_file()
 
     resumed_ctx = _context(tiny_config, steps=6)
-    resumed = create_method("sparsedm", {"w_kd": 0.0, "stage_shares": [1, 1, 4]})
+    resumed = create_method("sparsedm", {"w_kd": 0.0, "w_eps": 1.0, "stages": ["4:4", "3:4", "2:4"],
+                                         "stage_shares": [1, 1, 4]})
     resumed_model = resumed.prepare(build_model("tiny", seed=0), resumed_ctx)
     seen: list[float] = []
     resumed_model.register_forward_pre_hook(
@@ -102,7 +105,7 @@ def test_loss_is_eps_mse_plus_teacher_distillation(tiny_config):
 
     def loss_with(params, model_seed_step: int):
         ctx = _context(tiny_config, steps=10, base=base)
-        method = create_method("sparsedm", params)
+        method = create_method("sparsedm", {"stages": ["4:4", "3:4", "2:4"], **params})
         model = method.prepare(copy.deepcopy(base), ctx)
         method.step = model_seed_step
         ctx.generator.manual_seed(5)
@@ -122,7 +125,7 @@ def test_loss_is_eps_mse_plus_teacher_distillation(tiny_config):
 
 def test_export_switches_inference_patterns(tiny_config):
     ctx = _context(tiny_config, steps=3)
-    method = create_method("sparsedm", {"w_kd": 0.0})
+    method = create_method("sparsedm", {"w_kd": 0.0, "w_eps": 1.0})
     model = method.prepare(build_model("tiny", seed=0), ctx)
     Trainer(model, method, ctx, lr=1e-3).train()
     deployables = method.export(model, ctx)
@@ -160,7 +163,8 @@ def test_export_switches_inference_patterns(tiny_config):
 
 def test_unstructured_variant_exports_global_magnitude(tiny_config):
     ctx = _context(tiny_config, steps=2, sparsity=0.75)
-    method = create_method("sparsedm", {"w_kd": 0.0, "mask_type": "unstructured", "inference_patterns": ["1:4"]})
+    method = create_method("sparsedm", {"w_kd": 0.0, "w_eps": 1.0, "mask_type": "unstructured",
+                                        "inference_patterns": ["1:4"]})
     model = method.prepare(build_model("tiny", seed=0), ctx)
     Trainer(model, method, ctx, lr=1e-3).train()
     (deployable,) = method.export(model, ctx)
@@ -211,3 +215,64 @@ def test_layers_not_divisible_by_m_stay_dense_and_are_listed(tiny_config):
             else:
                 assert name not in kept and (nonzeros_per_group(module.weight, 32) == 16).all()
     assert any("not a multiple" in reason for reason in kept.values())
+
+
+# ---------------------------------------------------------------- the reference schedule and loss
+def test_a_stage_group_that_does_not_fit_a_layer_is_halved() -> None:
+    assert fit_pattern(NMPattern(31, 32), 64) == NMPattern(31, 32)
+    assert fit_pattern(NMPattern(31, 32), 48) == NMPattern(15, 16)  # still one pruned per group
+    assert fit_pattern(NMPattern(31, 32), 36) == NMPattern(3, 4)
+    assert fit_pattern(NMPattern(4, 8), 20) == NMPattern(2, 4)  # other patterns keep their density
+    with pytest.raises(BenchError, match="does not fit"):
+        fit_pattern(NMPattern(3, 8), 20)
+
+
+def test_reference_schedule_trains_five_sparse_stages_and_records_their_shares(tiny_config):
+    teacher = build_model("tiny", seed=0).eval().requires_grad_(False)
+    ctx = _context(tiny_config, steps=10, teacher=teacher)
+    method = create_method("sparsedm")
+    model = method.prepare(build_model("tiny", seed=0), ctx)
+    wide, narrow = "down_blocks.0.resnets.0.conv1", "mid_block.resnets.0.conv1"  # 32 and 48 inputs
+    seen: list[tuple[float, float]] = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append((_weight_density(module, wide), _weight_density(module, narrow))))
+    Trainer(model, method, ctx, lr=1e-3).train()
+    assert method.starts == [0, 2, 4, 6, 8]
+    # no dense stage: sparse from the first step; 48 inputs cannot hold 32-groups and take 15:16
+    assert [w for w, _ in seen] == pytest.approx([31 / 32] * 2 + [15 / 16] * 2 + [7 / 8] * 2 + [0.75] * 2 + [0.5] * 2)
+    assert [n for _, n in seen] == pytest.approx([15 / 16] * 4 + [7 / 8] * 2 + [0.75] * 2 + [0.5] * 2)
+    info = method.export(model, ctx)[0].info
+    assert info["pattern_steps"] == {"31:32": 2, "15:16": 2, "7:8": 2, "3:4": 2, "2:4": 2}
+    assert info["pattern_shares"] == {"31:32": 0.2, "15:16": 0.2, "7:8": 0.2, "3:4": 0.2, "2:4": 0.2}
+    assert set(info["stage_layer_fallbacks"]) == {"31:32"} and "15:16" in info["stage_layer_fallbacks"]["31:32"]
+    assert info["loss_weights"] == {"w_eps": 0.0, "w_kd": 1.0}
+    # the teacher's forward passes: one per step at the training batch (8), forward only
+    extra = info["extra_compute"]
+    assert extra["passes"] == {"teacher_forward": 10} and extra["backward_macs"] == 0
+    assert extra["forward_macs"] == pytest.approx(ctx.count_macs(teacher) * 8 * 10)
+
+
+def test_default_loss_is_the_mse_to_the_teacher_prediction_alone(tiny_config):
+    from diffprune_bench.diffusion import predict_noise
+
+    base = build_model("tiny", seed=0)
+    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    with torch.no_grad():  # a teacher that differs from the student's start, so the two terms differ
+        for p in teacher.parameters():
+            p.mul_(1.1)
+    ctx = _context(tiny_config, steps=10, teacher=teacher)
+    method = create_method("sparsedm")
+    assert (method.params.w_eps, method.params.w_kd) == (0.0, 1.0)
+    model = method.prepare(copy.deepcopy(base), ctx)
+    x0 = torch.rand(4, *SHAPE) * 2 - 1
+    ctx.generator.manual_seed(5)
+    loss = float(method.compute_loss(model, x0, ctx).detach())
+    ctx.generator.manual_seed(5)
+    noise, timesteps = ctx.noise_and_timesteps(x0)
+    x_t = ctx.noise_scheduler.add_noise(x0, noise, timesteps)
+    with torch.no_grad():
+        student = predict_noise(model, x_t, timesteps)
+        to_teacher = float(torch.nn.functional.mse_loss(student, predict_noise(teacher, x_t, timesteps)))
+        to_noise = float(torch.nn.functional.mse_loss(student, noise))
+    assert loss == pytest.approx(to_teacher, rel=1e-5)
+    assert loss != pytest.approx(to_teacher + to_noise, rel=1e-3)

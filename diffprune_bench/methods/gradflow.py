@@ -6,8 +6,9 @@ continuous mask that is moved toward 0 progressively ("soft pruning") while the 
 information is not lost abruptly; the criterion prunes the parameters "whose removal increases the
 gradient norm of the loss", the GraSP score S = -theta * (H g) (Wang et al., ICLR 2020).
 
-The paper's method section was not available to us, so the following is our reading; every choice is a
-parameter (defaults are ours unless said otherwise):
+The paper's method section was not available to us, so the following is our reading, and the method is
+listed as "gradflow (our reading)" (``display_name``) by ``diffbench methods`` and on the leaderboard.
+Every choice below is ours and a parameter (defaults are ours unless said otherwise):
 
 * Units are the coupled channel groups of the structural methods (Torch-Pruning dependency graph, see
   ``toolkit/structural/``); ``granularity="weight"`` is the unstructured variant (one soft mask per weight of
@@ -31,6 +32,11 @@ parameter (defaults are ours unless said otherwise):
   rest of the budget fine-tunes it as is and ``export`` removes the 0-channels through the same
   Torch-Pruning path as the structured methods. (Removing them inside the trainer would change the shapes
   of tensors the trainer's optimizer and EMA hold; the result is the same, only training runs at dense cost.)
+* Also ours: the scoring batch is one training batch of the run (``score_batches`` of them), in eval mode;
+  the widths come from an L1-magnitude MAC search (any criterion gives the same widths); attention runs
+  in PyTorch's math kernel while scoring (the fused kernels have no double backward).
+* Compute: every scoring is one forward and a double backward (counted as two backwards) of a training
+  batch at the dense MACs, recorded in ``info["extra_compute"]`` (see ``toolkit/compute.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
+from diffprune_bench.toolkit.compute import ExtraCompute
 from diffprune_bench.toolkit.masks import select_layers
 from diffprune_bench.toolkit.second_order import (
     SCHEDULES,
@@ -99,6 +106,7 @@ class GradFlowParams(StructuredParams):
 class GradFlow(Method):
     family = "structured"
     init = "pretrained"
+    display_name = "gradflow (our reading)"
     Params = GradFlowParams
     description = ("Gradient-flow pruning: soft channel masks decayed over an iterative stage, chosen by "
                    "GraSP -theta*Hg, then the 0-channels removed and fine-tuned.")
@@ -111,11 +119,13 @@ class GradFlow(Method):
         self.selected: Any = None
         self.score_sum: dict[str, torch.Tensor] = {}
         self.score_count = 0
+        self.score_passes = 0  # double-backward scoring passes run so far (extra compute)
         self.masks: ChannelMasks | WeightMasks | None = None
         self.info: dict[str, Any] = {}
 
     # ------------------------------------------------------------ setup
     def validate(self, sparsity: float | None) -> None:
+        super().validate(sparsity)
         p = self.params
         check_tolerance(p.tolerance)
         if not 0 < p.stage_fraction <= 1:
@@ -184,6 +194,7 @@ class GradFlow(Method):
                     for acc, h in zip(total, hg, strict=True):
                         acc.add_(h)
                     losses.append(float(loss.detach()))
+                    self.score_passes += 1
         finally:
             model.train(was_training)
         sign = -1.0 if self.params.direction == "raise" else 1.0
@@ -244,9 +255,11 @@ class GradFlow(Method):
     def export(self, model: nn.Module, ctx: MethodContext) -> Deployable:
         if not self.done:  # a budget shorter than the stage (or zero): finish the stage in one go
             self._iterate(model, ctx, 1.0)
+        extra = ExtraCompute(self.dense_macs)
+        extra.add("double_backward_scoring", samples=ctx.batch_size, passes=self.score_passes, backwards=2)
         info = {**self.info, "mask_values": [h["mask"] for h in self.history],
                 "selection_changes": [h["changed"] for h in self.history],
-                "score_losses": [h["score_loss"] for h in self.history]}
+                "score_losses": [h["score_loss"] for h in self.history], "extra_compute": extra.as_info()}
         if isinstance(self.masks, WeightMasks):
             self.masks.bake()
             kept = {n: float(m.mean()) for n, m in self.masks.values.items()}
@@ -271,7 +284,8 @@ class GradFlow(Method):
         masks = None if self.masks is None else {n: m.clone() for n, m in self.masks.values.items()}
         level = getattr(self.masks, "level", None)
         return {"masks": masks, "level": level, "selected": self.selected, "done": self.done,
-                "history": list(self.history), "score_sum": self.score_sum, "score_count": self.score_count}
+                "history": list(self.history), "score_sum": self.score_sum, "score_count": self.score_count,
+                "score_passes": self.score_passes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.masks is not None and state.get("masks"):
@@ -281,3 +295,4 @@ class GradFlow(Method):
             self.masks.set_level(state["level"])
         self.selected, self.done, self.history = state["selected"], state["done"], list(state["history"])
         self.score_sum, self.score_count = state.get("score_sum") or {}, state.get("score_count", 0)
+        self.score_passes = state.get("score_passes", 0)

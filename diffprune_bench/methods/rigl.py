@@ -6,9 +6,12 @@ training, each masked layer drops ``floor(f_t x active)`` active weights of smal
 as many inactive positions with the largest dense gradient ``|dL/d(w*m)|``; ``f_t`` decays from
 ``drop_fraction`` to 0 along a cosine. Grown weights start at 0 with zeroed Adam moments.
 
-The dense gradient costs nothing extra here: pruned weights are stored as exact zeros, so autograd's
+The dense gradient costs no extra pass here: pruned weights are stored as exact zeros, so autograd's
 gradient wrt the stored weight *is* ``dL/d(w*m)``. It is read only on update steps, in
-``on_after_backward`` before the gradients are masked for clipping and the optimizer step.
+``on_after_backward`` before the gradients are masked for clipping and the optimizer step. A sparse
+implementation would skip the pruned weights' gradients on the other steps, so by RigL's own FLOP
+accounting each update step costs f_D - f_S per sample more than a sparse step; the record holds it in
+``info["extra_compute"]`` (``toolkit/compute.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from torch import nn
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
 from diffprune_bench.methods.static import Static, StaticParams
-from diffprune_bench.registry import register_method
+from diffprune_bench.registry import Deployable, register_method
+from diffprune_bench.toolkit.compute import ExtraCompute, dense_gradient_macs
 from diffprune_bench.toolkit.masks import drop_fraction_at
 
 DECAYS = ("cosine", "constant")
@@ -82,6 +86,16 @@ class RigL(Static):
             }
             self.dense_gradient_reads += 1
         super().on_after_backward(step, model, ctx)
+
+    def export(self, model: nn.Module, ctx: MethodContext) -> Deployable:
+        """Static's export, plus the dense gradients' extra backward MACs (none for MagRan)."""
+        deployable = super().export(model, ctx)  # masks re-applied: the pruned weights are exact zeros
+        if self.dense_gradient_reads:
+            extra = ExtraCompute(ctx.count_macs(deployable.model))
+            extra.add_backward("dense_gradient", samples=ctx.batch_size, passes=self.dense_gradient_reads,
+                               backward_macs_per_sample=dense_gradient_macs(deployable.model, ctx.sample_shape))
+            deployable.info["extra_compute"] = extra.as_info()
+        return deployable
 
     def grow_scores(self, name: str) -> torch.Tensor:
         """Higher = grown first: RigL's dense gradient magnitude."""

@@ -119,6 +119,25 @@ def parse_pattern(value: Any) -> NMPattern:
     return NMPattern(n, m)
 
 
+def fit_pattern(pattern: NMPattern, in_dim: int) -> NMPattern:
+    """``pattern`` for a layer whose input dim is ``in_dim``: the pattern itself when M divides it, else
+    the same rule on the largest group M / 2^k that does.
+
+    Progressive schedules (SparseDM's 31:32 -> 15:16 -> 7:8 -> 3:4 -> 2:4) use larger groups than the
+    target; a layer with, say, 48 inputs cannot hold 32-groups and takes 15:16 instead of 31:32. A
+    pattern of the form (M-1):M stays "one pruned per group" ((g-1):g); any other keeps its density
+    N/M, which must then be a whole number of weights per group.
+    """
+    n, m = pattern.n, pattern.m
+    while in_dim % m:
+        if m % 2:
+            raise BenchError(f"N:M pattern {pattern.label} does not fit a layer with {in_dim} inputs")
+        n, m = (m // 2 - 1 if n == m - 1 else n / 2), m // 2
+        if n != int(n) or n < 1:
+            raise BenchError(f"N:M pattern {pattern.label} does not fit a layer with {in_dim} inputs")
+    return NMPattern(int(n), m)
+
+
 def pattern_for_sparsity(sparsity: float, m: int) -> NMPattern:
     """The N:M pattern with ``1 - N/M == sparsity`` (0.5 -> 2:4, 0.25 -> 3:4, 0.75 -> 1:4 for M = 4)."""
     n = m * (1.0 - sparsity)
@@ -370,13 +389,30 @@ class MaskController:
         if self.mask_type == "unstructured":
             flat_global_magnitude_masks(weights, self.pattern.density, (buffers.flat, buffers.masks))
         else:
-            flat_nm_masks(weights, self.pattern.n, self.pattern.m, (buffers.flat, buffers.masks), buffers.scratch)
+            self._nm_masks(weights, buffers)
         if self.lam:  # lambda * (1 - mask) = lambda - lambda * mask, one op for every layer
             torch.mul(buffers.flat, -self.lam, out=buffers.decay_flat).add_(self.lam)
         self._buffers = buffers
         self._versions = [w._version for w in self.weights]
         self._pattern_of_masks = self.pattern
         self._step, self._masked = None, ()
+
+    def layer_patterns(self, weights: Sequence[torch.Tensor] | None = None) -> list[NMPattern]:
+        """The pattern each masked layer gets under :attr:`pattern` (:func:`fit_pattern` of its input dim)."""
+        return [fit_pattern(self.pattern, w.shape[1]) for w in (self.weights if weights is None else weights)]
+
+    def _nm_masks(self, weights: list[torch.Tensor], buffers: _MaskBuffers) -> None:
+        """N:M masks of every layer into ``buffers``: one ranking for all layers that share a pattern
+        (all of them, unless a stage's group does not fit some layer's input dim)."""
+        patterns = self.layer_patterns(weights)
+        for pattern in dict.fromkeys(patterns):
+            index = [i for i, p in enumerate(patterns) if p == pattern]
+            if len(index) == len(weights):
+                flat_nm_masks(weights, pattern.n, pattern.m, (buffers.flat, buffers.masks), buffers.scratch)
+                return
+            chosen = [weights[i] for i in index]
+            scratch = buffers.scratch[: sum(w.numel() for w in chosen)] if buffers.scratch is not None else None
+            flat_nm_masks(chosen, pattern.n, pattern.m, (buffers.flat, [buffers.masks[i] for i in index]), scratch)
 
     def mask(self, index: int, weight: torch.Tensor) -> torch.Tensor | None:
         """Mask of masked layer ``index`` (whose dense weight is ``weight``); None when nothing is pruned."""

@@ -74,8 +74,11 @@ class SeededRandomImportance(tp.importance.Importance):
         return torch.rand(len(group[0].idxs), generator=self.generator)
 
 
-def taylor_importance() -> tp.importance.Importance:
-    """First-order Taylor score of a channel: sum over its group of the element-wise |w * dL/dw|
-    (Molchanov et al. 2019; Diff-Pruning Eq. 8, ``TaylorImportance(multivariable=False)`` in the
-    reference). Sums, not means, and no normalisation: the raw |w*g| a reader can check by hand."""
-    return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=False)
+def taylor_importance(multivariable: bool = False) -> tp.importance.Importance:
+    """First-order Taylor score of a channel, summed over its group's layers (Molchanov et al. 2019).
+
+    ``multivariable=False``: the element-wise sum of |w * dL/dw| (Diff-Pruning Eq. 8; the reference's
+    ``diff-pruning`` scorer). ``multivariable=True``: |sum of w * dL/dw| over the channel's weights in
+    each layer, the loss change of removing the channel as a whole (the reference's ``taylor`` scorer).
+    Sums, not means, and no normalisation: the raw scores a reader can check by hand."""
+    return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=multivariable)
