@@ -10,13 +10,13 @@ The plateau is the smallest budget t at which 1.5 x t steps improve the seed-mea
 seed-to-seed std. Prints a table, writes ``results/plots/base_plateau.png`` and a CSV beside it.
 
     python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
+    python benchmarks/bench_base_plateau.py --from-csv a.csv b.csv   # one seed per process, combined
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -69,8 +69,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--out", default="results/plots")
+    parser.add_argument("--from-csv", nargs="+", default=None,
+                        help="skip training: combine the CSVs of earlier runs (e.g. one seed each) into one curve")
     args = parser.parse_args()
-
+    if args.from_csv:
+        report(pd.concat([pd.read_csv(path) for path in args.from_csv], ignore_index=True), args)
+        return
     rows = []
     for seed in args.seeds:
         cfg = resolve_config(make_config({"dataset": "digits", "seed": seed, "batch_size": args.batch_size,
@@ -95,25 +99,28 @@ def main() -> None:
                          "floor": evaluator.floor})
             print(f"seed {seed} steps {steps:>5}: FID {fid:.3f} (floor {evaluator.floor:.3f})", flush=True)
         print(f"seed {seed}: {stats.steps} steps in {stats.wall_s:.0f} s", flush=True)
+    report(pd.DataFrame(rows), args)
 
-    table = pd.DataFrame(rows)
+
+def report(table: pd.DataFrame, args: argparse.Namespace) -> None:
+    """Print the per-budget summary and the plateau; write the CSV and the plot."""
     summary = table.groupby("steps")["fid"].agg(["mean", "std", "count"]).reset_index()
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     chosen = plateau(table)
-    print(f"plateau (1.5x more steps improves FID by less than the seed std): {chosen} steps x batch {args.batch_size}")
+    print(f"plateau (1.5x more steps improves FID by less than the seed std): {chosen} steps")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "base_plateau.csv", index=False)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(summary["steps"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3,
-                label=f"base, mean ± std over {len(args.seeds)} seeds")
-    ax.axhline(statistics.mean(r["floor"] for r in rows), color="grey", ls="--", label="data-vs-data floor")
+                label=f"base, mean ± std over {table['seed'].nunique()} seeds")
+    ax.axhline(float(table["floor"].mean()), color="grey", ls="--", label="data-vs-data floor")
     if chosen:
         ax.axvline(chosen, color="tab:red", ls=":", label=f"plateau: {chosen} steps")
     ax.set_xscale("log")
-    ax.set_xlabel(f"base training steps (batch {args.batch_size})")
-    ax.set_ylabel(f"FID (digits-net, N={args.num_samples})")
+    ax.set_xlabel(f"base training steps (batch {int(table['images'].iloc[0] / table['steps'].iloc[0])})")
+    ax.set_ylabel("FID (digits-net)")
     ax.set_title("digits base: FID vs training budget")
     ax.legend()
     fig.tight_layout()
