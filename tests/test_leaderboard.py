@@ -282,3 +282,26 @@ def test_baseline_and_references_come_from_record_attributes_not_names():
     assert controls == {"my-base": "", "my-control": "my-base", "magnitude": "my-control"}
     assert lb.method_traits({"method": "dense"}) == (True, False)  # old records: the registered class
     assert lb.method_traits({"method": "not-registered"}) == (False, True)
+
+
+def _trained(record: dict, steps: int) -> dict:
+    record["training"] = {**record["training"], "optimizer_steps": steps}
+    return record
+
+
+def test_a_scratch_row_is_matched_only_to_a_scratch_control_trained_as_long():
+    """dense-scratch (600 steps) controls the 600-step scratch rows; a 100-step scratch row (reinit's
+    fine-tune-length budget) has no fair control, and the base (600 steps in its config) is not one either
+    since its budget differs."""
+    base = make_record("my-base", 0.0, 0, 1.0, family="dense")
+    base.update(is_baseline=True, takes_sparsity=False, init="scratch")
+    scratch_control = _trained(make_record("my-scratch", 0.0, 0, 1.5, family="dense"), 600)
+    scratch_control.update(is_baseline=False, takes_sparsity=False, init="scratch")
+    long_row = _trained(make_record("sparse-long", 0.5, 0, 2.0, family="unstructured"), 600)
+    short_row = _trained(make_record("sparse-short", 0.5, 0, 2.5, family="unstructured"), 100)
+    for row in (long_row, short_row):
+        row.update(is_baseline=False, takes_sparsity=True, init="scratch")
+    table = lb.build([base, scratch_control, long_row, short_row]).groups[0].table
+    controls = dict(zip(table["method"], table["control"], strict=True))
+    assert controls["sparse-long"] == "my-scratch"
+    assert controls["sparse-short"] == ""  # 100 steps: neither the 600-step control nor the base

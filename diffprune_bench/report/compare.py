@@ -42,6 +42,8 @@ class Controls:
     baseline: str | None = None
     pretrained: str | None = None
     scratch: str | None = None
+    #: optimizer steps of the scratch control: only a scratch row trained exactly as long is matched to it
+    scratch_steps: float | None = None
 
     @classmethod
     def of(cls, table: pd.DataFrame) -> Controls:
@@ -51,8 +53,10 @@ class Controls:
 
         baseline = table["is_baseline"].astype(bool)
         reference = table["is_reference"].astype(bool) & ~baseline
-        return cls(first(baseline), first(reference & table["init"].eq("pretrained")),
-                   first(reference & table["init"].eq("scratch")))
+        scratch = reference & table["init"].eq("scratch")
+        steps = table.loc[scratch, "train_steps"] if "train_steps" in table else pd.Series(dtype=float)
+        return cls(first(baseline), first(reference & table["init"].eq("pretrained")), first(scratch),
+                   float(steps.iloc[0]) if len(steps) and pd.notna(steps.iloc[0]) else None)
 
     def names(self) -> set[str]:
         return {n for n in (self.baseline, self.pretrained, self.scratch) if n}
@@ -68,8 +72,10 @@ def control_for(row: pd.Series, controls: Controls, base_steps: int | None) -> s
         return controls.baseline
     if init == "pretrained":
         return controls.pretrained if trained else controls.baseline
-    if controls.scratch:
+    if controls.scratch and (controls.scratch_steps is None or steps == controls.scratch_steps):
         return controls.scratch
+    # no dense model trained from scratch as long (e.g. reinit's fine-tune-length scratch row): the base
+    # itself is the control only when it had the same budget; otherwise there is no fair one
     return controls.baseline if base_steps is not None and steps == base_steps else None
 
 
