@@ -20,6 +20,7 @@ from torch import nn
 
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
+from diffprune_bench.metrics.latency import yield_point
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Method
 
@@ -189,6 +190,7 @@ class Trainer:
                            leave=False, dynamic_ncols=True, unit="step",
                            disable=total == 0 or not self.ctx.distributed.is_main)  # one bar per run
         for step in bar:
+            yield_point()  # a pending latency measurement of another run gets the machine for itself
             x0 = self.ctx.distributed.local_shard(self.ctx.next_batch())  # this rank's share of the batch
             x0 = x0.contiguous(memory_format=self.memory_format)
             with autocast(self.ctx.device, self.precision), self.ctx.distributed.sharded_step():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffprune_bench.metrics.latency import MachineLock, measure_ab, speedup_interval
+from diffprune_bench.metrics.latency import MachineLock, measure_ab, speedup_interval, yield_point
 
 CPU = torch.device("cpu")
 
@@ -23,6 +23,43 @@ def _other_run(folder: str, mode: str, hold_s: float, log: str) -> None:
         Path(log).write_text(f"{started}\n")
         time.sleep(hold_s)
         Path(log).write_text(f"{started}\n{time.time()}\n")
+
+
+def _stepping_run(folder: str, seconds: float, log: str) -> None:
+    """Another run computing in short steps with a yield point each (as training and sampling do)."""
+    lock = MachineLock(folder)
+    stamps = []
+    with lock.computing():
+        Path(log + ".started").write_text("1")
+        end = time.time() + seconds
+        while time.time() < end:
+            yield_point()
+            began = time.time()
+            time.sleep(0.02)  # one "step"
+            stamps.append((began, time.time()))
+    Path(log).write_text("\n".join(f"{a} {b}" for a, b in stamps))
+
+
+def test_a_waiting_measurement_gets_in_at_the_next_step_of_a_long_run(tmp_path):
+    log = str(tmp_path / "steps.log")
+    process = multiprocessing.get_context("spawn").Process(target=_stepping_run, args=(str(tmp_path), 4.0, log))
+    process.start()
+    deadline = time.time() + 60
+    while not Path(log + ".started").exists():
+        assert time.time() < deadline
+        time.sleep(0.02)
+    lock = MachineLock(tmp_path)
+    with lock.computing():
+        time.sleep(0.2)
+        with lock.timing() as waited:
+            window = (time.time(), None)
+            time.sleep(0.3)
+            window = (window[0], time.time())
+    process.join(30)
+    steps = [tuple(map(float, line.split())) for line in Path(log).read_text().splitlines()]
+    assert waited < 1.0  # one step of the other run, not the rest of its 4 s
+    assert not any(a < window[1] and b > window[0] for a, b in steps)  # no step overlapped the timing
+    assert any(a >= window[1] for a, _ in steps)  # and the other run went on afterwards
 
 
 def _start_other(tmp_path: Path, mode: str, hold_s: float) -> tuple[multiprocessing.Process, Path]:

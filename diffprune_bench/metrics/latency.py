@@ -6,7 +6,9 @@ comparing a method timed now with a dense model timed minutes earlier under anot
 * :class:`MachineLock` makes measurements serial. Every run holds the lock *shared* while it computes
   (training, sampling) and takes it *exclusive* only to time trajectories: a measurement waits until no
   other run of the same cache folder (a sweep's workers share one) is computing, and nobody computes
-  while it runs.
+  while it runs. A waiting measurement closes a turnstile, and computing runs step aside at their next
+  :func:`yield_point` (every training step and sampling step), so it waits for one step of the others,
+  not for the rest of their runs.
 * :func:`measure_ab` interleaves dense and compressed trajectories (A B A B ...) after warm-up, so slow
   drifts hit both equally, and reports the median of each with a bootstrap interval of the speed-up.
   A speed-up whose interval contains 1.0 is "≈1.0×" in the leaderboard.
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 LOCK_NAME = "compute.lock"
+TURNSTILE_NAME = "timing.turnstile"
 MIN_REPEATS = 10
 BOOTSTRAP_DRAWS = 2000
 
@@ -39,32 +42,67 @@ def _sync(device: torch.device) -> None:
 class MachineLock:
     """A reader/writer lock on a file (``fcntl.flock``): shared while computing, exclusive while timing.
 
-    One instance per process; :meth:`computing` may be re-entered, :meth:`timing` drops the shared hold
-    first (flock cannot upgrade without a gap anyway) and takes it back afterwards.
+    Writers get preference through a second file, the turnstile: a measurement holds it exclusive while it
+    waits for and holds the main lock, and computing runs pass through it (shared, briefly) to enter, so
+    none starts while a measurement waits; runs already computing leave at their next :meth:`yield_now`.
+    One instance per process; :meth:`computing` may be re-entered. :func:`yield_point` reaches the
+    instance of the run in progress (:attr:`current`).
     """
+
+    current: MachineLock | None = None
 
     def __init__(self, folder: str | Path) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.path = Path(folder) / LOCK_NAME
+        self.turnstile_path = Path(folder) / TURNSTILE_NAME
         self._fd: int | None = None
+        self._turnstile_fd: int | None = None
         self._shared_depth = 0
+        self._timing = False
 
     def _open(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         return self._fd
 
+    def _turnstile(self) -> int:
+        if self._turnstile_fd is None:
+            self._turnstile_fd = os.open(self.turnstile_path, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._turnstile_fd
+
+    def _enter_shared(self) -> None:
+        """Through the turnstile (waits while a measurement is pending), then the main lock, shared."""
+        fcntl.flock(self._turnstile(), fcntl.LOCK_SH)
+        try:
+            fcntl.flock(self._open(), fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(self._turnstile(), fcntl.LOCK_UN)
+
     @contextlib.contextmanager
     def computing(self) -> Iterator[None]:
         if self._shared_depth == 0:
-            fcntl.flock(self._open(), fcntl.LOCK_SH)
+            self._enter_shared()
         self._shared_depth += 1
+        previous, MachineLock.current = MachineLock.current, self
         try:
             yield
         finally:
+            MachineLock.current = previous
             self._shared_depth -= 1
             if self._shared_depth == 0:
                 fcntl.flock(self._open(), fcntl.LOCK_UN)
+
+    def yield_now(self) -> None:
+        """Step aside if a measurement is waiting (the turnstile is closed): release, wait, re-enter."""
+        if self._shared_depth == 0 or self._timing:
+            return
+        try:
+            fcntl.flock(self._turnstile(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._open(), fcntl.LOCK_UN)
+            self._enter_shared()
+        else:
+            fcntl.flock(self._turnstile(), fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[float]:
@@ -72,19 +110,31 @@ class MachineLock:
         held = self._shared_depth > 0
         fd = self._open()
         started = time.perf_counter()
-        fcntl.flock(fd, fcntl.LOCK_EX)  # converts a shared hold; waits for every other holder to leave
+        if held:  # never wait at the turnstile while holding the main lock: two measurements would deadlock
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(self._turnstile(), fcntl.LOCK_EX)  # no new computing run enters from now on
+        self._timing = True
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for every computing run to step aside or finish
             yield time.perf_counter() - started
         finally:
+            self._timing = False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(self._turnstile(), fcntl.LOCK_UN)
             if held:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                self._enter_shared()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._turnstile_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._turnstile_fd = None
+
+
+def yield_point() -> None:
+    """Called by long loops (training steps, sampling steps): lets a waiting latency measurement in."""
+    if MachineLock.current is not None:
+        MachineLock.current.yield_now()
 
 
 def _timed(run: Callable[[], Any], device: torch.device) -> float:
