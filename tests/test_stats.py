@@ -18,6 +18,8 @@ from diffprune_bench.report.stats import (
     mean_interval,
     paired_fid_delta,
     paired_kid_delta,
+    pooled_seed_variance,
+    with_pooled_variance,
 )
 
 
@@ -81,6 +83,18 @@ def test_seed_spread_widens_the_interval_when_it_exceeds_sampling_noise():
     assert narrow.significant and not wide.significant
     single = combine([0.3], [0.01])
     assert single.half_width == pytest.approx(1.959964 * 0.1, rel=1e-5)
+
+
+def test_pooled_seed_variance_is_df_weighted_and_sets_the_t_quantile():
+    a = combine([0.0, 1.0], [0.01, 0.01])  # seed variance 0.5, 1 df
+    b = combine([0.2, 0.4, 0.6], [0.01, 0.01, 0.01])  # seed variance 0.04, 2 df
+    pooled, df = pooled_seed_variance([a, b, None, combine([0.3], [0.01])])
+    assert df == 3 and pooled == pytest.approx((1 * 0.5 + 2 * 0.04) / 3)
+    narrowed = with_pooled_variance(a, pooled, df)
+    assert narrowed.half_width == pytest.approx(scipy_stats.t.ppf(0.975, 3) * math.sqrt(pooled / 2))
+    assert narrowed.half_width < a.half_width  # t(3) instead of t(1)
+    floor = with_pooled_variance(combine([0.1, 0.1], [0.09, 0.09]), 0.0001, 40)
+    assert floor.half_width == pytest.approx(scipy_stats.t.ppf(0.975, 40) * math.sqrt(0.09 / 2))  # sampling floor
 
 
 def test_kid_terms_equal_the_unbiased_mmd_and_track_clean_fid(data):

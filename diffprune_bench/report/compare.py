@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from diffprune_bench.report.stats import PairedDelta, Reference, paired_fid_delta, paired_kid_delta
+from diffprune_bench.report.stats import (
+    PairedDelta,
+    Reference,
+    paired_fid_delta,
+    paired_kid_delta,
+    pooled_seed_variance,
+    with_pooled_variance,
+)
 
 #: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
 TARGET_TOLERANCE = 0.02
@@ -132,6 +139,7 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
 
     columns: dict[str, list[Any]] = {c: [] for c in ("control", "dfid", "dfid_low", "dfid_high", "dkid",
                                                      "dkid_low", "dkid_high", "on_target")}
+    found: list[tuple[str | None, PairedDelta | None, PairedDelta | None]] = []
     for _, row in table.iterrows():
         control = control_for(row, controls, base_steps)
         fid_delta = kid_delta = None
@@ -139,6 +147,12 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
             mine, theirs = _by_seed(runs_of(row), store), _by_seed(control_runs(control), store)
             fid_delta = paired_fid_delta(mine, theirs, reference)
             kid_delta = paired_kid_delta(mine, theirs, reference)
+        found.append((control, fid_delta, kid_delta))
+    fid_pool = pooled_seed_variance([f for _, f, _ in found])
+    kid_pool = pooled_seed_variance([k for _, _, k in found])
+    for (_, row), (control, fid_delta, kid_delta) in zip(table.iterrows(), found, strict=True):
+        fid_delta = fid_delta and with_pooled_variance(fid_delta, *fid_pool)
+        kid_delta = kid_delta and with_pooled_variance(kid_delta, *kid_pool)
         columns["control"].append(control or "")
         for prefix, delta in (("dfid", fid_delta), ("dkid", kid_delta)):
             columns[prefix].append(delta.mean if delta else float("nan"))
@@ -152,12 +166,12 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
         table[name] = values
     table["rank"] = ""
     for _, part in table[(table["sparsity"] > 0) & ~table["method"].isin(controls.names())].groupby("sparsity"):
-        _rank(table, part, runs_of, reference, store)
+        _rank(table, part, runs_of, reference, store, fid_pool)
     return table
 
 
 def _rank(table: pd.DataFrame, part: pd.DataFrame, runs_of, reference: Reference | None,
-          store: FeatureStore) -> None:
+          store: FeatureStore, pool: tuple[float, int]) -> None:
     """Bold the best on-target row if it beats the runner-up significantly; else mark the tied group."""
     candidates = part[part["on_target"] & part["fid_mean"].notna()].sort_values("fid_mean")
     if len(candidates) < 2:
@@ -169,6 +183,7 @@ def _rank(table: pd.DataFrame, part: pd.DataFrame, runs_of, reference: Reference
     for index in candidates.index[1:]:
         delta = (paired_fid_delta(best_features, _by_seed(runs_of(table.loc[index]), store), reference)
                  if reference is not None else None)
+        delta = delta and with_pooled_variance(delta, *pool)
         if index == candidates.index[1]:
             decisive = delta
         if delta is None or not delta.high < 0:

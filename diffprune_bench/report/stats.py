@@ -36,7 +36,8 @@ OUTER_PRODUCT_MAX_DIM = 256
 CONFIDENCE = 0.95
 STATISTICS_NOTE = (
     "Δ = row minus its control, paired by seed and evaluation-noise index; 95 % interval = mean over seeds "
-    f"± t(S-1) x sqrt(max(seed-to-seed variance, paired-bootstrap variance over samples ({BOOTSTRAP_DRAWS} draws)) / S)"
+    "± t(df) x sqrt(max(seed-to-seed variance of Δ pooled over the table's rows, the row's paired-bootstrap "
+    f"variance over samples ({BOOTSTRAP_DRAWS} draws)) / S), df = the pooled degrees of freedom"
 )
 
 
@@ -134,6 +135,29 @@ def combine(per_seed: list[float], bootstrap_vars: list[float], seeds: list[int]
         0.5 + CONFIDENCE / 2)
     return PairedDelta(mean, mean - quantile * se, mean + quantile * se, [float(v) for v in per_seed], seed_var,
                        boot_var, list(seeds or []))
+
+
+def pooled_seed_variance(deltas: list[PairedDelta | None]) -> tuple[float, int]:
+    """Seed-to-seed variance of Δ pooled over a table's rows, weighted by degrees of freedom, and its df.
+
+    With two or three seeds a row's own seed variance has one or two degrees of freedom: its t quantile
+    (12.7 or 4.3) would tie every row. Pooling the rows of one table (as a one-way ANOVA pools its groups)
+    assumes the training-seed spread of a difference is alike across methods, and gives many degrees of
+    freedom; each row keeps its own sampling variance as a floor."""
+    weights = [(len(d.per_seed) - 1, d.seed_var) for d in deltas if d is not None and len(d.per_seed) > 1]
+    df = sum(w for w, _ in weights)
+    return (sum(w * v for w, v in weights) / df if df else 0.0), df
+
+
+def with_pooled_variance(delta: PairedDelta, pooled_var: float, df: int) -> PairedDelta:
+    """``delta`` with its interval from the pooled seed variance (t with the pooled df)."""
+    if df < 1:
+        return delta
+    count = len(delta.per_seed)
+    se = math.sqrt(max(pooled_var, delta.bootstrap_var) / count)
+    quantile = scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)
+    return PairedDelta(delta.mean, delta.mean - quantile * se, delta.mean + quantile * se, delta.per_seed,
+                       delta.seed_var, delta.bootstrap_var, delta.seeds)
 
 
 def bootstrap_counts(n: int, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> np.ndarray:
