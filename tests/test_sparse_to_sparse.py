@@ -201,7 +201,6 @@ def test_end_to_end_tiny_run(tiny_config, name: str) -> None:
     # planned against MACs: the harness's realised saving is the target (the weight sparsity is not)
     assert info["target"] == "macs" and abs(metrics["macs_reduction"] - 0.5) <= 0.02
     assert info["macs_saving_planned"] == pytest.approx(metrics["macs_reduction"], abs=1e-3)
-    assert abs(info["sparsity_achieved"] - 0.5) > 0.02
     assert info["dense_layers"] == ["conv_in", "conv_out"]
     assert 0 < min(info["per_layer_density"].values()) < 0.5 < max(info["per_layer_density"].values())
     steps = record["training"]["optimizer_steps"]
