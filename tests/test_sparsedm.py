@@ -229,7 +229,7 @@ def test_a_stage_group_that_does_not_fit_a_layer_is_halved() -> None:
 
 def test_reference_schedule_trains_five_sparse_stages_and_records_their_shares(tiny_config):
     teacher = build_model("tiny", seed=0).eval().requires_grad_(False)
-    ctx = _context(tiny_config, steps=10, teacher=teacher)
+    ctx = _context(tiny_config, steps=10, base=teacher)
     method = create_method("sparsedm")
     model = method.prepare(build_model("tiny", seed=0), ctx)
     wide, narrow = "down_blocks.0.resnets.0.conv1", "mid_block.resnets.0.conv1"  # 32 and 48 inputs
@@ -260,7 +260,7 @@ def test_default_loss_is_the_mse_to_the_teacher_prediction_alone(tiny_config):
     with torch.no_grad():  # a teacher that differs from the student's start, so the two terms differ
         for p in teacher.parameters():
             p.mul_(1.1)
-    ctx = _context(tiny_config, steps=10, teacher=teacher)
+    ctx = _context(tiny_config, steps=10, base=teacher)
     method = create_method("sparsedm")
     assert (method.params.w_eps, method.params.w_kd) == (0.0, 1.0)
     model = method.prepare(copy.deepcopy(base), ctx)
