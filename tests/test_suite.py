@@ -180,8 +180,9 @@ def test_cell_config_carries_suite_options_and_method_params(toy_method):
 def test_bundled_suites_are_valid():
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     full = load_suite(root / "digits.yaml")
-    assert full.sparsities == [0.25, 0.5, 0.75] and len(full.seeds) == 2
+    assert full.sparsities == [0.5, 0.75] and len(full.seeds) == 2
     assert full.methods == [m for m in registry.method_names() if m != "dense"]
+    assert {(c.method, c.then) for c in full.compositions} == {("diff-pruning", "steps"), ("diff-pruning", "deepcache")}
     ci = load_suite(root / "digits-ci.yaml")
     assert ci.sparsities == [0.5] and len(ci.seeds) == 1
     for path in sorted(root.glob("*.yaml")):  # every suite shipped follows the format
