@@ -81,6 +81,8 @@ class MethodContext:
     base: nn.Module | None = None
     progress: Callable[..., Any] | None = None
     optimizer: torch.optim.Optimizer | None = None
+    #: the DDIM timestep spacing the harness samples with (step-aware exports map steps to timesteps)
+    timestep_spacing: str = "leading"
     #: the processes of this run (one, unless launched on several): rank, is_main, broadcast_, ...
     distributed: Distributed = field(default_factory=current)
     _teacher: nn.Module | None = field(default=None, init=False, repr=False)

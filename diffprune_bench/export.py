@@ -6,11 +6,14 @@ Layout (diffusers' own pipeline layout, so ``DiffusionPipeline.from_pretrained``
     model/scheduler/scheduler_config.json      the run's DDIM sampler (training betas, clip, spacing)
     model/unet/config.json, *.safetensors      the UNet; masks and N:M patterns are baked into the weights
     model/unet/pruned_unet.py                  structurally pruned UNets only: the model class
+    model/unet/step_aware_unet.py, ...         a model class that names its ``portable_sources``
 
 A dense, masked or N:M model is a stock ``UNet2DModel``. A structurally pruned one has per-layer
 widths that ``UNet2DModel``'s config cannot express, so its class ships beside its weights as
 diffusers custom-component code (``model_index.json`` names ``["pruned_unet", "PrunedUNet2DModel"]``),
-loaded with ``trust_remote_code=True``; that file imports only torch and diffusers. The DDIM paper's
+loaded with ``trust_remote_code=True``; that file imports only torch and diffusers. Any other model class
+that lists ``portable_sources`` (files importing only torch, diffusers and each other; its own module
+first) ships those files the same way: DDSM's step-aware UNet does. The DDIM paper's
 ``quad`` spacing is not a ``DDIMScheduler`` option, so such runs export the scheduler with ``leading``
 spacing (the pipeline then samples with diffusers' spacing, not the record's).
 """
@@ -36,6 +39,9 @@ PORTABLE_CLASS = "PrunedUNet2DModel"
 
 def unet_component(model: nn.Module) -> list[str]:
     """``[library or module file, class]`` of the UNet as ``model_index.json`` names it."""
+    sources = getattr(type(model), "portable_sources", None)
+    if sources:
+        return [Path(sources[0]).stem, type(model).__name__]
     if "channel_plan" in getattr(model, "config", {}):
         return [PORTABLE_MODULE, PORTABLE_CLASS]
     if type(model) is UNet2DModel:
@@ -50,6 +56,8 @@ def export_pipeline(model: nn.Module, folder: str | Path, sample_steps: int, spa
     component = unet_component(model)
     unet_dir = folder / "unet"
     model.save_pretrained(unet_dir)
+    for source in getattr(type(model), "portable_sources", None) or ():
+        shutil.copyfile(source, unet_dir / Path(source).name)
     if component[0] == PORTABLE_MODULE:
         shutil.copyfile(portable_unet.__file__, unet_dir / f"{PORTABLE_MODULE}.py")
     scheduler, _ = make_sampler_scheduler(sample_steps, spacing)  # quad: leading (see the module docstring)

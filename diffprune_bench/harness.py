@@ -147,6 +147,7 @@ def make_context(
         noise_scheduler=make_noise_scheduler(),
         sample_shape=data.shape,
         sample_steps=cfg.sample_steps,
+        timestep_spacing=cfg.timestep_spacing,
         batches=infinite_batches(data.train, cfg.batch_size, cfg.seed, device, cfg.num_workers),
         generator=generator,
         count_macs=lambda model: float(count_macs(model, data.shape).total),
@@ -501,7 +502,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
             paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
                    "features": str(target_dir / FEATURES_NAME),
                    "reference_features": evaluator.save_reference_features(Path(cfg.results_dir)),
-                   **_save_model(deployable.model, target_dir / "model", cfg)},
+                   **_save_model(deployable.exportable(), target_dir / "model", cfg)},
         )
         if index > 0:
             write_config(target_dir, cfg.to_dict())

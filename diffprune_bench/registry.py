@@ -103,6 +103,13 @@ class Deployable:
     #: latency follow it, while the protocol (and ``macs_reduction``'s denominator) keeps the run's steps,
     #: so a 25-step row of a 50-step table shows 50 % saved. ``step_modules``, if given, has this length.
     sample_steps: int | None = None
+    #: what the run's ``model/`` folder exports when ``model`` alone would not reproduce the samples (a
+    #: step-aware schedule folded into one module diffusers can call); None: ``model``
+    export_model: nn.Module | None = None
+
+    def exportable(self) -> nn.Module:
+        """The module the harness exports as the run's diffusers pipeline."""
+        return self.model if self.export_model is None else self.export_model
 
     def module_for_step(self, step_index: int) -> nn.Module:
         if self.step_modules is None:

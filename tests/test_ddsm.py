@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,7 +92,7 @@ def _fake_ctx(sparsity: float, steps: int = 6, fid=None) -> SimpleNamespace:
     scheduler = make_noise_scheduler()
     return SimpleNamespace(
         seed=0, sparsity=sparsity, sample_steps=steps, device=torch.device("cpu"), generator=generator,
-        batch_size=8, total_steps=10,
+        batch_size=8, total_steps=10, timestep_spacing="leading",
         count_macs=lambda model: float(count_macs(model, SHAPE).total),
         score_fid=lambda deployable, n: fid([m.width for m in deployable.step_modules]),
         loss_fn=lambda model, x0, **kw: diffusion_loss(model, x0, scheduler, generator=generator, **kw),
@@ -238,6 +240,13 @@ def test_tiny_end_to_end_run(tiny_config) -> None:
     assert info["extra_compute"]["passes"]["sandwich_steps"] == cfg.base_steps
     assert uniform["variant"] == "uniform" and uniform["status"] == "ok"
     assert set(uniform["method_info"]["schedule"]) == {info["uniform_baseline"]["width"]}
+    # model/ is a diffusers pipeline whose step-aware UNet carries each record's own schedule
+    for rec in (record, uniform):
+        unet_config = json.loads((Path(rec["paths"]["model"]) / "config.json").read_text())
+        assert unet_config["_class_name"] == "StepAwareUNet2DModel"
+        assert unet_config["width_schedule"] == rec["method_info"]["schedule"]
+        assert len(unet_config["schedule_timesteps"]) == steps
+        assert (Path(rec["paths"]["pipeline"]) / "scheduler" / "scheduler_config.json").is_file()
 
 
 def test_search_fid_is_scored_against_the_training_split(tiny_config) -> None:

@@ -1,7 +1,8 @@
 """Exported models load and sample with diffusers alone, in a fresh interpreter without the project.
 
 Every family the harness exports (dense, masked/unstructured, N:M, structurally pruned with smaller
-channel widths) is written by :func:`export_pipeline` and loaded by ``plain_diffusers_sampler.py`` in
+channel widths, DDSM's step-aware slimmable supernet) is written by :func:`export_pipeline` and loaded
+by ``plain_diffusers_sampler.py`` in
 a subprocess with ``python -I``, PYTHONPATH unset, a temporary working directory and every route to
 ``diffprune_bench`` removed; its DDIMPipeline samples must equal our own sampler's from the same noise.
 """
@@ -22,10 +23,12 @@ import torch_pruning as tp
 from diffusers import UNet2DModel
 from torch import nn
 
-from diffprune_bench.diffusion import ddim_sample, initial_noise
+from diffprune_bench.diffusion import ddim_sample, initial_noise, make_sampler_scheduler
 from diffprune_bench.export import export_pipeline
 from diffprune_bench.models import build_model
 from diffprune_bench.toolkit.nm import nm_mask
+from diffprune_bench.toolkit.slimmable import WidthView, make_slimmable
+from diffprune_bench.toolkit.step_aware_unet import StepAwareUNet2DModel
 from diffprune_bench.toolkit.structural import ChannelPlan, PrunedUNet2DModel, UNetPruner
 
 SCRIPT = Path(__file__).with_name("plain_diffusers_sampler.py")
@@ -61,7 +64,19 @@ def _pruned(dense: UNet2DModel) -> PrunedUNet2DModel:
     return UNetPruner(copy.deepcopy(dense), importance).prune(ChannelPlan(0.5))
 
 
-FAMILIES = {"dense": lambda m: m, "masked": _masked, "n:m": _two_of_four, "structural": _pruned}
+#: DDSM's schedule over the STEPS sampling steps (noisiest first): every narrow width and the full one
+SCHEDULE = [1.0, 0.5, 0.25]
+
+
+def _step_aware(dense: UNet2DModel) -> StepAwareUNet2DModel:
+    """A slimmable supernet whose width follows the timestep (what DDSM exports)."""
+    supernet = make_slimmable(copy.deepcopy(dense))
+    _, timesteps = make_sampler_scheduler(STEPS, "leading")
+    return StepAwareUNet2DModel.from_supernet(supernet, SCHEDULE, timesteps)
+
+
+FAMILIES = {"dense": lambda m: m, "masked": _masked, "n:m": _two_of_four, "structural": _pruned,
+            "step-aware": _step_aware}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +120,8 @@ def test_export_samples_like_our_sampler_with_diffusers_alone(family: str, expor
     expected = ((ours / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(np.asarray(got["images"]), expected, atol=1e-5)
     assert got["scheduler"] == "DDIMScheduler"
+    if family == "step-aware":
+        return  # its weights are the supernet's; the next tests check its schedule
     zeros = sum(int((layer.weight == 0).sum()) for layer in _layers(model))
     assert got["zero_weights"] == zeros  # masks and N:M patterns survive the round trip
     if family in ("masked", "n:m"):
@@ -127,3 +144,34 @@ def test_scheduler_config_holds_the_run_sampler(tmp_path: Path) -> None:
     assert config["_class_name"] == "DDIMScheduler" and config["timestep_spacing"] == "trailing"
     assert config["num_train_timesteps"] == 1000 and config["beta_schedule"] == "linear"
     assert config["clip_sample"] is True
+
+
+def test_step_aware_export_samples_ddsm_trajectory_with_stock_pipeline(exported, loaded) -> None:
+    """The loaded pipeline's samples are those of the per-step width views the evaluator samples with,
+    and differ from the full-width supernet's (so the schedule, not width 1.0, ran)."""
+    model, folder = exported["step-aware"]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "DDIMPipeline"
+    assert index["unet"] == ["step_aware_unet", "StepAwareUNet2DModel"]
+    assert {"step_aware_unet.py", "slimmable.py"} <= {p.name for p in (folder / "unet").iterdir()}
+    assert loaded["folders"][str(folder)]["unet_class"] == "StepAwareUNet2DModel"
+    supernet = make_slimmable(build_model("tiny", seed=0).eval())  # the fixture's weights, not step-aware
+    ours, theirs = supernet.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    noise = initial_noise(2, SHAPE, SEED, torch.device("cpu"))
+    views = [WidthView(supernet, width) for width in SCHEDULE]
+    scheduled = ddim_sample(lambda step: views[step], noise, STEPS, "leading")
+    expected = ((scheduled / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(loaded["folders"][str(folder)]["images"])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    full = ddim_sample(supernet, noise, STEPS, "leading")
+    assert not np.allclose(got, ((full / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy(), atol=1e-3)
+
+
+def test_step_aware_unet_maps_each_timestep_to_its_width() -> None:
+    model = _step_aware(build_model("tiny", seed=0))
+    _, timesteps = make_sampler_scheduler(STEPS, "leading")
+    assert [model.width_for(t) for t in timesteps] == SCHEDULE
+    assert model.width_for(timesteps[0] + 3) == SCHEDULE[0]  # an unlisted timestep: the nearest listed one
+    with pytest.raises(ValueError, match="one width per timestep"):
+        StepAwareUNet2DModel(width_schedule=[1.0], schedule_timesteps=[], **build_model("tiny", seed=0).config)

@@ -23,7 +23,10 @@ steps at 0.5 and the last low-noise steps at 1.0: 49 % fewer MACs at FID 3.55 vs
   by default), so the search neither overshoots the budget nor leaves it unused; a repair operator moves
   every candidate into that window (one width step at a time), so no evaluation is spent on a schedule
   that could not be chosen.
-* Export: the supernet plus one :class:`~diffprune_bench.toolkit.slimmable.WidthView` per sampling step; the
+* Export: the supernet plus one :class:`~diffprune_bench.toolkit.slimmable.WidthView` per sampling step
+  for the evaluator; the run's ``model/`` folder holds a
+  :class:`~diffprune_bench.toolkit.step_aware_unet.StepAwareUNet2DModel` (the supernet whose width follows
+  the timestep), which a stock diffusers ``DDIMPipeline`` loads and samples with the same schedule. The
   record's ``method_info`` holds the schedule, the search history and cost, the MACs of each width, the
   FID of the best uniform-width schedule within the same budget (does step-awareness pay?) and
   ``extra_compute`` (sandwich passes and the search's sampling forwards, as MACs).
@@ -51,9 +54,11 @@ from pymoo.optimize import minimize
 from torch import nn
 
 from diffprune_bench.context import MethodContext
+from diffprune_bench.diffusion import make_sampler_scheduler
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import Deployable, Method, register_method
 from diffprune_bench.toolkit.slimmable import WIDTHS, WidthView, make_slimmable, use_width
+from diffprune_bench.toolkit.step_aware_unet import StepAwareUNet2DModel
 
 #: Sandwich rule: the widest and the narrowest width every step, plus one of these at random.
 MIDDLE_WIDTHS: tuple[float, ...] = (0.75, 0.5)
@@ -409,12 +414,16 @@ class DDSM(Method):
             "uniform_baseline": uniform,
             "extra_compute": self.extra_compute(ctx.batch_size, fids, p.fid_samples),
         }
-        deployable = Deployable(model, step_modules=[views[w] for w in schedule], info=info)
+        _, timesteps = make_sampler_scheduler(steps, ctx.timestep_spacing)
+        deployable = Deployable(model, step_modules=[views[w] for w in schedule], info=info,
+                                export_model=StepAwareUNet2DModel.from_supernet(model, schedule, timesteps))
         if not p.export_uniform:
             return deployable
-        uniform_views = [views[uniform["width"]]] * steps
-        uniform_info = {"schedule": [uniform["width"]] * steps, "uniform_of": "ddsm", **uniform}
-        return [deployable, Deployable(model, step_modules=uniform_views, label="uniform", info=uniform_info)]
+        uniform_schedule = [uniform["width"]] * steps
+        uniform_info = {"schedule": uniform_schedule, "uniform_of": "ddsm", **uniform}
+        return [deployable, Deployable(
+            model, step_modules=[views[w] for w in uniform_schedule], label="uniform", info=uniform_info,
+            export_model=StepAwareUNet2DModel.from_supernet(model, uniform_schedule, timesteps))]
 
     def _objective(self, fid: float, genes: Sequence[int], choice_macs: Sequence[float]) -> float:
         """The reference's scalarised objective (or FID alone): lower is better."""

@@ -26,11 +26,15 @@ said otherwise:
 
 :class:`WidthView` is a module that sets a width and runs the model, so a step-aware schedule is a list
 of views (one per sampling step) that the harness samples with and counts MACs of like any model.
+
+This file imports only the standard library, torch and diffusers (the project's error type when it is
+there), because exports ship it beside a step-aware UNet's weights (:mod:`.step_aware_unet`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -42,7 +46,13 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from diffprune_bench.errors import BenchError
+# Inside the project, errors are the CLI's one-line BenchError. Exports ship this file beside a step-aware
+# UNet's weights, where only torch and diffusers exist: there they are ValueErrors. (importlib, so that
+# diffusers' check of a shipped file's imports does not ask for the project.)
+try:
+    BenchError: type[Exception] = importlib.import_module("diffprune_bench.errors").BenchError
+except ImportError:
+    BenchError = ValueError
 
 #: The widths of the DDSM supernet (paper section 4.1; reference flags ``min_width`` / ``candidate_width``).
 WIDTHS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
