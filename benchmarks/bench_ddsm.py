@@ -7,7 +7,7 @@ scores against the training split with its own noise). Prints, per seed, the sea
 split), the protocol FID, the realised saving of trajectory MACs and the search's cost; then the spread
 of the chosen schedules' FID over the seeds and the best uniform width within the same budget.
 
-    python benchmarks/bench_ddsm.py                        # the digits suite's budget, sparsity 0.5
+    python benchmarks/bench_ddsm.py                        # benchmarks/digits.yaml's budget and search
     python benchmarks/bench_ddsm.py --sparsity 0.75 --seeds 0 1 2 --set population=16 generations=8
 
 The trained supernet is cached under the cache folder (keyed by its budget), so a second call with other
@@ -34,11 +34,12 @@ from diffprune_bench.metrics.fid import fid_from_features
 from diffprune_bench.metrics.macs import trajectory_macs
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import Deployable, create_method
+from diffprune_bench.sweep.suite import load_suite
 from diffprune_bench.toolkit.slimmable import WidthView
 from diffprune_bench.trainer import Trainer
 
-SUITE_OPTIONS = {"base_steps": 600, "batch_size": 64, "sample_steps": 50, "num_samples": 500,
-                 "fid_extractor": "digits-net"}
+#: the run options the supernet and the evaluation take from the suite (the rest are about bookkeeping)
+SUITE_KEYS = ("base_steps", "batch_size", "sample_steps", "num_samples", "fid_extractor", "lr", "ema_decay")
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -72,6 +73,8 @@ def train_supernet(cfg, data, device: torch.device, method, ctx) -> tuple[torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="benchmarks/digits.yaml",
+                        help="suite whose options and ddsm parameters are the defaults")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -81,11 +84,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    suite = load_suite(args.suite)
     overrides = parse_sets(args.set)
-    method_params = {k: v for k, v in overrides.items() if k not in SUITE_OPTIONS and k != "preset"}
-    options = {k: v for k, v in overrides.items() if k not in method_params}
-    cfg = resolve_config(make_config({**SUITE_OPTIONS, **options, "method": "ddsm", "sparsity": args.sparsity,
-                                      "cache_dir": args.cache_dir, "device": "cpu"}))
+    method_params = {**suite.method_params.get("ddsm", {}),
+                     **{k: v for k, v in overrides.items() if k not in SUITE_KEYS and k != "preset"}}
+    options = {k: v for k, v in overrides.items() if k in SUITE_KEYS or k == "preset"}
+    suite_options = {k: v for k, v in suite.options.items() if k in SUITE_KEYS}
+    cfg = resolve_config(make_config({**suite_options, **options, "dataset": suite.datasets[0], "method": "ddsm",
+                                      "sparsity": args.sparsity, "cache_dir": args.cache_dir, "device": "cpu"}))
     device = torch.device("cpu")
     data = load_dataset(cfg.dataset)
     placeholder = BaseModel(build_model(cfg.preset, seed=cfg.seed).to(device).eval(), {})  # evaluator's MAC base

@@ -88,8 +88,10 @@ def test_seed_spread_widens_the_interval_when_it_exceeds_sampling_noise():
 def test_pooled_seed_variance_is_df_weighted_and_sets_the_t_quantile():
     a = combine([0.0, 1.0], [0.01, 0.01])  # seed variance 0.5, 1 df
     b = combine([0.2, 0.4, 0.6], [0.01, 0.01, 0.01])  # seed variance 0.04, 2 df
-    pooled, df = pooled_seed_variance([a, b, None, combine([0.3], [0.01])])
-    assert df == 3 and pooled == pytest.approx((1 * 0.5 + 2 * 0.04) / 3)
+    pool = pooled_seed_variance([a, b, None, combine([0.3], [0.01])])
+    pooled, df = pool.var, pool.df
+    assert df == 3 and pooled == pytest.approx((1 * 0.5 + 2 * 0.04) / 3) and not pool.outliers
+    assert pool.apply(a).half_width == pytest.approx(with_pooled_variance(a, pooled, df).half_width)
     narrowed = with_pooled_variance(a, pooled, df)
     assert narrowed.half_width == pytest.approx(scipy_stats.t.ppf(0.975, 3) * math.sqrt(pooled / 2))
     assert narrowed.half_width < a.half_width  # t(3) instead of t(1)
@@ -122,3 +124,24 @@ def test_mean_interval_is_a_t_interval():
     mean, low, high = mean_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
     assert math.isnan(mean_interval([1.0])[1])
+
+
+def test_a_row_whose_seed_spread_dwarfs_the_others_stays_out_of_the_pool():
+    """FID's spread grows with FID: one unstable row (seed variance 100x) must not widen every interval."""
+    rng = np.random.default_rng(0)
+    alike = [combine(list(0.3 + rng.normal(0, 0.1, 2)), [0.001, 0.001]) for _ in range(10)]
+    unstable = combine([1.0, 4.0], [0.001, 0.001])  # seed variance 4.5
+    deltas = [*alike, None, unstable]
+    pool = pooled_seed_variance(deltas)
+    assert pool.outliers == {11} and pool.df == 10
+    assert pool.var == pytest.approx(np.mean([d.seed_var for d in alike]))  # the pool of the alike rows alone
+    assert pool.apply(unstable, 11) is unstable  # its own variance and df (t with 1 df)
+    assert pool.apply(alike[0], 0).half_width < 0.5
+    everything = sum(d.seed_var for d in [*alike, unstable]) / 11
+    assert with_pooled_variance(alike[0], everything, 11).half_width > 2 * pool.apply(alike[0], 0).half_width
+    # rows that merely differ by chance stay in: ten 2-seed rows of one spread are split off rarely (at
+    # about the test's family-wise level, 1 %; a 1-df variance is a scaled chi-square, heavy-tailed)
+    false_alarms = sum(
+        bool(pooled_seed_variance([combine(list(rng.normal(0, 0.1, 2)), [1e-6, 1e-6]) for _ in range(10)]).outliers)
+        for _ in range(400))
+    assert false_alarms / 400 < 0.03

@@ -90,6 +90,10 @@ def test_the_walk_accumulates_the_informative_gradients_and_the_crossing_step() 
     assert set(batch_sizes) == {5}  # one fixed batch of walk_batch images, cut from whole training batches
     weight.grad = None
     assert len(accumulate_walk_gradients(model, _walk_ctx(loss_fn), 0.0, 3, 2)) == 3  # max_timesteps caps it
+    weight.grad = None
+    # our round-1 reading, kept as crossing_step=False: the crossing step's gradient is left out
+    used = accumulate_walk_gradients(model, _walk_ctx(loss_fn), 0.05, None, 5, crossing_step=False)
+    assert used == pytest.approx(CURVE[:5]) and weight.grad.item() == pytest.approx(sum(CURVE[:5]))
 
 
 def test_diff_pruning_walks_the_reference_batch_by_default() -> None:

@@ -39,6 +39,9 @@ class DiffPruningParams(StructuredParams):
     max_timesteps: int | None = None
     #: images in the walk's one fixed batch (the reference script's default batch size)
     walk_batch: int = REFERENCE_WALK_BATCH
+    #: backpropagate the step whose loss crosses the threshold before stopping (the reference); False is
+    #: our round-1 reading, which stopped before it (kept to measure the difference)
+    crossing_step: bool = True
 
 
 class InformativeWindow:
@@ -86,11 +89,13 @@ def fixed_batch(ctx: MethodContext, size: int) -> torch.Tensor:
 
 
 def accumulate_walk_gradients(
-    model: nn.Module, ctx: MethodContext, threshold: float, max_timesteps: int | None, walk_batch: int
+    model: nn.Module, ctx: MethodContext, threshold: float, max_timesteps: int | None, walk_batch: int,
+    crossing_step: bool = True,
 ) -> list[float]:
     """Walk t = 0, 1, ... on one fixed batch of ``walk_batch`` images and one fixed noise, summing
     dL_t/dw into ``.grad``; stop after the first step below ``threshold * L_max`` (the rule of
-    :func:`informative_timesteps`; threshold 0 walks every step). Returns the losses of the steps used."""
+    :func:`informative_timesteps`; threshold 0 walks every step), or before it without ``crossing_step``.
+    Returns the losses of the steps whose gradients were summed."""
     x0 = fixed_batch(ctx, walk_batch)
     noise = torch.randn(x0.shape, generator=ctx.generator, device=x0.device, dtype=x0.dtype)
     steps = ctx.noise_scheduler.config.num_train_timesteps
@@ -104,9 +109,12 @@ def accumulate_walk_gradients(
     for t in range(steps):
         timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
         loss = ctx.loss_fn(model, x0, timesteps=timesteps, noise=noise)
-        loss.backward()  # before the test, as the reference does: the crossing step counts
+        inside = window.accept(float(loss.detach()))
+        if not inside and not crossing_step:
+            break
+        loss.backward()  # before the test's verdict ends the walk, as the reference does
         losses.append(float(loss.detach()))
-        if not window.accept(losses[-1]):
+        if not inside:
             break
     model.train(was_training)
     return losses
@@ -138,8 +146,9 @@ class DiffPruning(StructuredPruningMethod):
         threshold, cap = self.params.threshold, self.params.max_timesteps
         walk_batch = self.params.walk_batch
         with torch.enable_grad():
-            used = accumulate_walk_gradients(model, ctx, threshold, cap, walk_batch)
+            used = accumulate_walk_gradients(model, ctx, threshold, cap, walk_batch, self.params.crossing_step)
         self.info = {"threshold": threshold, "timesteps_used": len(used), "walk_batch": walk_batch,
+                     "crossing_step": self.params.crossing_step,
                      "loss_max": max(used), "loss_last": used[-1],
                      "extra_compute": walk_compute(model, ctx, len(used), walk_batch)}
         return taylor_importance()

@@ -30,10 +30,10 @@ import pandas as pd
 from diffprune_bench.report.stats import (
     PairedDelta,
     Reference,
+    SeedPool,
     paired_fid_delta,
     paired_kid_delta,
     pooled_seed_variance,
-    with_pooled_variance,
 )
 
 #: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
@@ -149,13 +149,17 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
             kid_delta = paired_kid_delta(mine, theirs, reference)
         found.append((control, fid_delta, kid_delta))
     # pooled over rows on target only: an off-target row (a sampler that cannot reach the saving) can be
-    # an order of magnitude worse and noisier, and would widen every interval of the table
+    # an order of magnitude worse and noisier, and would widen every interval of the table; among those,
+    # rows whose seed spread the pool does not cover keep their own (SeedPool)
     on = [_on_target(row) for _, row in table.iterrows()]
-    fid_pool = pooled_seed_variance([f for (_, f, _), ok in zip(found, on, strict=True) if ok])
-    kid_pool = pooled_seed_variance([k for (_, _, k), ok in zip(found, on, strict=True) if ok])
-    for (_, row), (control, fid_delta, kid_delta) in zip(table.iterrows(), found, strict=True):
-        fid_delta = fid_delta and with_pooled_variance(fid_delta, *fid_pool)
-        kid_delta = kid_delta and with_pooled_variance(kid_delta, *kid_pool)
+    fid_pool = pooled_seed_variance([f if ok else None for (_, f, _), ok in zip(found, on, strict=True)])
+    kid_pool = pooled_seed_variance([k if ok else None for (_, _, k), ok in zip(found, on, strict=True)])
+    columns["seed_outlier"] = []
+    for position, ((_, row), (control, fid_delta, kid_delta)) in enumerate(
+            zip(table.iterrows(), found, strict=True)):
+        fid_delta = fid_delta and fid_pool.apply(fid_delta, position)
+        kid_delta = kid_delta and kid_pool.apply(kid_delta, position)
+        columns["seed_outlier"].append(position in fid_pool.outliers)
         columns["control"].append(control or "")
         for prefix, delta in (("dfid", fid_delta), ("dkid", kid_delta)):
             columns[prefix].append(delta.mean if delta else float("nan"))
@@ -178,7 +182,7 @@ def _on_target(row: pd.Series) -> bool:
 
 
 def _rank(table: pd.DataFrame, part: pd.DataFrame, runs_of, reference: Reference | None,
-          store: FeatureStore, pool: tuple[float, int]) -> None:
+          store: FeatureStore, pool: SeedPool) -> None:
     """Bold the best on-target row if it beats the runner-up significantly; else mark the tied group."""
     candidates = part[part["on_target"] & part["fid_mean"].notna()].sort_values("fid_mean")
     if len(candidates) < 2:
@@ -190,7 +194,9 @@ def _rank(table: pd.DataFrame, part: pd.DataFrame, runs_of, reference: Reference
     for index in candidates.index[1:]:
         delta = (paired_fid_delta(best_features, _by_seed(runs_of(table.loc[index]), store), reference)
                  if reference is not None else None)
-        delta = delta and with_pooled_variance(delta, *pool)
+        # a pair with a row whose spread the pool does not cover keeps the pair's own seed variance
+        own = bool(table.at[best_index, "seed_outlier"] or table.at[index, "seed_outlier"])
+        delta = delta and (delta if own else pool.apply(delta))
         if index == candidates.index[1]:
             decisive = delta
         if delta is None or not delta.high < 0:

@@ -37,7 +37,9 @@ CONFIDENCE = 0.95
 STATISTICS_NOTE = (
     "Δ = row minus its control, paired by seed and evaluation-noise index; 95 % interval = mean over seeds "
     "± t(df) x sqrt(max(seed-to-seed variance of Δ pooled over the table's rows, the row's paired-bootstrap "
-    f"variance over samples ({BOOTSTRAP_DRAWS} draws)) / S), df = the pooled degrees of freedom"
+    f"variance over samples ({BOOTSTRAP_DRAWS} draws)) / S), df = the pooled degrees of freedom; a row whose "
+    "seed spread is significantly larger than the pool of the others (F test, Bonferroni over rows, "
+    "1 %) stays out of the pool and keeps its own seed variance and df (marked †)"
 )
 
 
@@ -137,16 +139,58 @@ def combine(per_seed: list[float], bootstrap_vars: list[float], seeds: list[int]
                        boot_var, list(seeds or []))
 
 
-def pooled_seed_variance(deltas: list[PairedDelta | None]) -> tuple[float, int]:
-    """Seed-to-seed variance of Δ pooled over a table's rows, weighted by degrees of freedom, and its df.
+#: family-wise level of the test that keeps a row's seed spread out of the pool (Bonferroni over rows)
+HOMOGENEITY_ALPHA = 0.01
+
+
+@dataclass(frozen=True)
+class SeedPool:
+    """Seed-to-seed variance of Δ pooled over the rows of a table whose spreads agree.
 
     With two or three seeds a row's own seed variance has one or two degrees of freedom: its t quantile
     (12.7 or 4.3) would tie every row. Pooling the rows of one table (as a one-way ANOVA pools its groups)
-    assumes the training-seed spread of a difference is alike across methods, and gives many degrees of
-    freedom; each row keeps its own sampling variance as a floor."""
-    weights = [(len(d.per_seed) - 1, d.seed_var) for d in deltas if d is not None and len(d.per_seed) > 1]
-    df = sum(w for w, _ in weights)
-    return (sum(w * v for w, v in weights) / df if df else 0.0), df
+    gives many degrees of freedom, but assumes the training-seed spread of a difference is alike across
+    rows. FID's spread grows with FID: a collapsed or unstable row (an inference-only N:M pattern, a
+    sampler at its limit) can have a seed variance 10-100x the others' and would widen every interval of
+    the table. So the pool leaves out, one at a time, the row whose variance is most significantly above
+    the pool of the rest (F test, Bonferroni over the remaining rows at ``HOMOGENEITY_ALPHA``): those
+    ``outliers`` keep their own seed variance and df, the others share the pool's.
+    """
+
+    var: float = 0.0
+    df: int = 0
+    outliers: frozenset[int] = frozenset()
+
+    def apply(self, delta: PairedDelta, position: int | None = None) -> PairedDelta:
+        """``delta``'s interval from the pool (t with the pooled df), unless it is one of the outliers."""
+        if self.df < 1 or (position is not None and position in self.outliers):
+            return delta
+        return with_pooled_variance(delta, self.var, self.df)
+
+
+def pooled_seed_variance(deltas: list[PairedDelta | None]) -> SeedPool:
+    """The df-weighted pool of the rows' seed variances of Δ, outlying spreads left out (see SeedPool);
+    ``outliers`` are positions in ``deltas``."""
+    spreads = {i: (len(d.per_seed) - 1, d.seed_var) for i, d in enumerate(deltas)
+               if d is not None and len(d.per_seed) > 1}
+    outliers: set[int] = set()
+    while len(spreads) - len(outliers) >= 3:
+        active = {i: w for i, w in spreads.items() if i not in outliers}
+        worst, worst_p = None, 1.0
+        for i, (df_i, var_i) in active.items():
+            rest_df = sum(df for j, (df, _) in active.items() if j != i)
+            rest_var = sum(df * var for j, (df, var) in active.items() if j != i) / rest_df
+            if rest_var <= 0:
+                continue
+            p = float(scipy_stats.f.sf(var_i / rest_var, df_i, rest_df))
+            if p < worst_p:
+                worst, worst_p = i, p
+        if worst is None or worst_p >= HOMOGENEITY_ALPHA / len(active):
+            break
+        outliers.add(worst)
+    kept = [w for i, w in spreads.items() if i not in outliers]
+    df = sum(w for w, _ in kept)
+    return SeedPool(sum(w * v for w, v in kept) / df if df else 0.0, df, frozenset(outliers))
 
 
 def with_pooled_variance(delta: PairedDelta, pooled_var: float, df: int) -> PairedDelta:
