@@ -5,7 +5,8 @@ parameters. This script runs those earlier settings ("before") at one sparsity w
 options and seeds, finds the suite's own records of the current defaults ("after", run by
 ``make leaderboard``), and prints per method FID before and after (mean over seeds) and the paired
 difference after - before with its 95 % interval: the same noise indices in both, bootstrap over samples
-plus the seed spread (:mod:`diffprune_bench.report.stats`). Finished "before" runs are found again and
+plus the seed spread of Δ pooled over the methods, as the leaderboard pools its rows
+(:mod:`diffprune_bench.report.stats`). Finished "before" runs are found again and
 not re-run (suite ``digits-before``, same results folder).
 
     python benchmarks/bench_fidelity.py                     # sparsity 0.5, the suite's seeds
@@ -20,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from diffprune_bench.harness import run
-from diffprune_bench.report.stats import Reference, paired_fid_delta
+from diffprune_bench.report.stats import Reference, paired_fid_delta, pooled_seed_variance
 from diffprune_bench.results import iter_records
 from diffprune_bench.sweep.cells import Cell
 from diffprune_bench.sweep.suite import cell_records, load_suite
@@ -40,6 +41,13 @@ BEFORE: dict[str, tuple[dict, str]] = {
 def features_of(record: dict) -> np.ndarray:
     """The per-sample features a run saved, in evaluation-noise order."""
     return np.load(record["paths"]["features"])
+
+
+def main_records(results_dir: str, suite, cell: Cell) -> list[dict]:
+    """The cell's ok record of the model it trained (not the extra variants one run may add, such as
+    SparseDM's neighbouring N:M patterns, whose run ids carry a suffix)."""
+    return [r for r in cell_records(iter_records(results_dir), suite, cell)
+            if r.get("status") == "ok" and r.get("run_id") == suite.run_id(cell)]
 
 
 def main() -> None:
@@ -62,14 +70,12 @@ def main() -> None:
         before, after = {}, {}
         for seed in seeds:
             cell = Cell(dataset, method, args.sparsity, seed)
-            done = [r for r in cell_records(iter_records(args.results_dir), before_suite, cell)
-                    if r.get("status") == "ok" and not r.get("variant")]
+            done = main_records(args.results_dir, before_suite, cell)
             if not done:
                 print(f"running {method} seed {seed} with {BEFORE[method][0]}", flush=True)
-                done = [r for r in run(before_suite.cell_config(cell, {"results_dir": args.results_dir}))
-                        if not r.get("variant")]
-            found = [r for r in cell_records(iter_records(args.results_dir), after_suite, cell)
-                     if r.get("status") == "ok" and not r.get("variant")]
+                run(before_suite.cell_config(cell, {"results_dir": args.results_dir}))
+                done = main_records(args.results_dir, before_suite, cell)
+            found = main_records(args.results_dir, after_suite, cell)
             if not found:
                 print(f"  no record of the current default for {method} seed {seed}: run `make leaderboard` first")
                 continue
@@ -81,8 +87,13 @@ def main() -> None:
                                  {s: features_of(r) for s, r in before.items()}, reference)
         fid = lambda records: sum(r["metrics"]["fid"] for r in records.values()) / len(records)  # noqa: E731
         rows.append((method, fid(before), fid(after), delta, BEFORE[method][1], sorted(after)))
+    # as the leaderboard does: the seed spread of Δ pooled over the rows (outlying spreads kept apart)
+    pool = pooled_seed_variance([delta for _, _, _, delta, _, _ in rows])
+    rows = [(m, b, a, pool.apply(d, i), c, u) for i, (m, b, a, d, c, u) in enumerate(rows)]
     print(f"\n{dataset}, sparsity {args.sparsity:g}, {after_suite.options.get('num_samples')} samples; "
-          f"Δ = after - before, paired by noise index, 95 % interval (bootstrap over samples and seed spread)")
+          f"Δ = after - before, paired by noise index; 95 % interval from the paired bootstrap over samples "
+          f"and the seed spread of Δ pooled over these rows (df {pool.df}, outside the pool: "
+          f"{sorted(rows[i][0] for i in pool.outliers) or 'none'})")
     print("| method | what changed | FID before | FID after | Δ [95 % CI] | seeds |\n|---|---|---|---|---|---|")
     for method, fid_before, fid_after, delta, change, used in rows:
         print(f"| {method} | {change} | {fid_before:.3f} | {fid_after:.3f} | "
