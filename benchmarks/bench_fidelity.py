@@ -24,7 +24,7 @@ from diffprune_bench.harness import run
 from diffprune_bench.report.stats import Reference, paired_fid_delta, pooled_seed_variance
 from diffprune_bench.results import iter_records
 from diffprune_bench.sweep.cells import Cell
-from diffprune_bench.sweep.suite import cell_records, load_suite
+from diffprune_bench.sweep.suite import cell_results, load_suite
 
 #: the earlier behaviour of each changed method, as parameters of today's code, and what changed
 BEFORE: dict[str, tuple[dict, str]] = {
@@ -43,13 +43,6 @@ def features_of(record: dict) -> np.ndarray:
     return np.load(record["paths"]["features"])
 
 
-def main_records(results_dir: str, suite, cell: Cell) -> list[dict]:
-    """The cell's ok record of the model it trained (not the extra variants one run may add, such as
-    SparseDM's neighbouring N:M patterns, whose run ids carry a suffix)."""
-    return [r for r in cell_records(iter_records(results_dir), suite, cell)
-            if r.get("status") == "ok" and r.get("run_id") == suite.run_id(cell)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="benchmarks/digits.yaml")
@@ -65,17 +58,18 @@ def main() -> None:
         seeds=seeds, compositions=[],
         method_params={m: {**after_suite.method_params.get(m, {}), **BEFORE[m][0]} for m in args.methods})
     dataset = after_suite.datasets[0]
+    records = list(iter_records(args.results_dir))  # read once; runs made here are added as they finish
     rows = []
     for method in args.methods:
         before, after = {}, {}
         for seed in seeds:
             cell = Cell(dataset, method, args.sparsity, seed)
-            done = main_records(args.results_dir, before_suite, cell)
+            done = cell_results(records, before_suite, cell)
             if not done:
                 print(f"running {method} seed {seed} with {BEFORE[method][0]}", flush=True)
-                run(before_suite.cell_config(cell, {"results_dir": args.results_dir}))
-                done = main_records(args.results_dir, before_suite, cell)
-            found = main_records(args.results_dir, after_suite, cell)
+                records.extend(run(before_suite.cell_config(cell, {"results_dir": args.results_dir})))
+                done = cell_results(records, before_suite, cell)
+            found = cell_results(records, after_suite, cell)
             if not found:
                 print(f"  no record of the current default for {method} seed {seed}: run `make leaderboard` first")
                 continue

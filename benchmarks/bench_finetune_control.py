@@ -26,11 +26,7 @@ from diffprune_bench.harness import resolve_config, run
 from diffprune_bench.report.stats import Reference, paired_fid_delta
 from diffprune_bench.results import iter_records
 from diffprune_bench.sweep.cells import Cell
-from diffprune_bench.sweep.suite import cell_records, load_suite
-
-
-def ok_records(results_dir: str, suite, cell: Cell) -> list[dict]:
-    return [r for r in cell_records(iter_records(results_dir), suite, cell) if r.get("status") == "ok"]
+from diffprune_bench.sweep.suite import cell_results, load_suite
 
 
 def main() -> None:
@@ -45,9 +41,10 @@ def main() -> None:
     seeds = args.seeds if args.seeds is not None else suite.seeds
     dataset = suite.datasets[0]
     base_lr = resolve_config(make_config({**suite.options, "dataset": dataset, "method": "dense-ft"})).lr
+    records = list(iter_records(args.results_dir))  # read once
     dense = {}
     for seed in seeds:
-        found = ok_records(args.results_dir, suite, Cell(dataset, "dense", 0.0, seed))
+        found = cell_results(records, suite, Cell(dataset, "dense", 0.0, seed))
         if not found:
             raise SystemExit(f"no dense record for seed {seed} in {args.results_dir}: run `make leaderboard` first")
         dense[seed] = found[0]
@@ -63,7 +60,7 @@ def main() -> None:
         tuned = {}
         for seed in seeds:
             cell = Cell(dataset, "dense-ft", 0.0, seed)
-            found = ok_records(args.results_dir, variant, cell) or run(
+            found = cell_results(records, variant, cell) or run(
                 variant.cell_config(cell, {"results_dir": args.results_dir}))
             tuned[seed] = np.load(found[0]["paths"]["features"])
         delta = paired_fid_delta(tuned, features, reference)

@@ -5,15 +5,14 @@ Layout (diffusers' own pipeline layout, so ``DiffusionPipeline.from_pretrained``
     model/model_index.json                     DDIMPipeline: unet + scheduler
     model/scheduler/scheduler_config.json      the run's DDIM sampler (training betas, clip, spacing)
     model/unet/config.json, *.safetensors      the UNet; masks and N:M patterns are baked into the weights
-    model/unet/pruned_unet.py                  structurally pruned UNets only: the model class
-    model/unet/step_aware_unet.py, ...         a model class that names its ``portable_sources``
+    model/unet/pruned_unet.py, ...             a model class's ``portable_sources`` (pruned, step-aware)
 
-A dense, masked or N:M model is a stock ``UNet2DModel``. A structurally pruned one has per-layer
-widths that ``UNet2DModel``'s config cannot express, so its class ships beside its weights as
-diffusers custom-component code (``model_index.json`` names ``["pruned_unet", "PrunedUNet2DModel"]``),
-loaded with ``trust_remote_code=True``; that file imports only torch and diffusers. Any other model class
-that lists ``portable_sources`` (files importing only torch, diffusers and each other; its own module
-first) ships those files the same way: DDSM's step-aware UNet does. The DDIM paper's
+A dense, masked or N:M model is a stock ``UNet2DModel``. A model class that diffusers' config cannot
+describe lists its ``portable_sources`` (shipped name -> source file; files importing only torch,
+diffusers and each other, its own module first), and those files ship beside its weights as diffusers
+custom-component code, loaded with ``trust_remote_code=True``: a structurally pruned UNet (per-layer
+widths; ``model_index.json`` names ``["pruned_unet", "PrunedUNet2DModel"]``) and DDSM's step-aware
+UNet (``["step_aware_unet", "StepAwareUNet2DModel"]``). The DDIM paper's
 ``quad`` spacing is not a ``DDIMScheduler`` option, so such runs export the scheduler with ``leading``
 spacing (the pipeline then samples with diffusers' spacing, not the record's).
 """
@@ -28,22 +27,23 @@ import diffusers
 from diffusers import UNet2DModel
 from torch import nn
 
-from diffprune_bench import portable_unet
 from diffprune_bench.diffusion import make_sampler_scheduler
 from diffprune_bench.results import atomic_write_text
 
 PIPELINE_CLASS = "DDIMPipeline"
-PORTABLE_MODULE = "pruned_unet"  # the file name of the shipped class (without .py)
-PORTABLE_CLASS = "PrunedUNet2DModel"
+
+
+def portable_sources(model: nn.Module) -> dict[str, str]:
+    """The files a model class ships beside its weights: shipped file name -> source path, the class's
+    own module first (empty for a stock diffusers class)."""
+    return dict(getattr(type(model), "portable_sources", None) or {})
 
 
 def unet_component(model: nn.Module) -> list[str]:
     """``[library or module file, class]`` of the UNet as ``model_index.json`` names it."""
-    sources = getattr(type(model), "portable_sources", None)
+    sources = portable_sources(model)
     if sources:
-        return [Path(sources[0]).stem, type(model).__name__]
-    if "channel_plan" in getattr(model, "config", {}):
-        return [PORTABLE_MODULE, PORTABLE_CLASS]
+        return [Path(next(iter(sources))).stem, type(model).__name__]
     if type(model) is UNet2DModel:
         return ["diffusers", "UNet2DModel"]
     raise TypeError(f"cannot export a {type(model).__name__} as a diffusers pipeline")
@@ -56,10 +56,8 @@ def export_pipeline(model: nn.Module, folder: str | Path, sample_steps: int, spa
     component = unet_component(model)
     unet_dir = folder / "unet"
     model.save_pretrained(unet_dir)
-    for source in getattr(type(model), "portable_sources", None) or ():
-        shutil.copyfile(source, unet_dir / Path(source).name)
-    if component[0] == PORTABLE_MODULE:
-        shutil.copyfile(portable_unet.__file__, unet_dir / f"{PORTABLE_MODULE}.py")
+    for name, source in portable_sources(model).items():
+        shutil.copyfile(source, unet_dir / name)
     scheduler, _ = make_sampler_scheduler(sample_steps, spacing)  # quad: leading (see the module docstring)
     scheduler.save_pretrained(folder / "scheduler")
     index = {

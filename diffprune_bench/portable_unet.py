@@ -79,6 +79,9 @@ def sync_block_widths(model: nn.Module) -> None:
 class PrunedUNet2DModel(UNet2DModel):
     """``UNet2DModel`` with per-layer widths: the dense config plus ``channel_plan``."""
 
+    #: what an export ships beside the weights: this file, as ``pruned_unet.py``
+    portable_sources = {"pruned_unet.py": __file__}  # noqa: RUF012 (read-only class data)
+
     def __init__(self, channel_plan: dict[str, list[int]] | None = None, **unet_config: Any) -> None:
         super().__init__(**unet_config)
         self.register_to_config(channel_plan=channel_plan or {})

@@ -9,7 +9,7 @@ from fake_records import make_record
 
 from diffprune_bench.errors import BenchError
 from diffprune_bench.results import write_record
-from diffprune_bench.sweep.suite import parse_suite, sweep
+from diffprune_bench.sweep.suite import cell_done, cell_results, parse_suite, sweep
 
 
 def suite_data(**changes) -> dict:
@@ -81,3 +81,16 @@ def test_a_failed_composed_run_is_not_hidden_by_its_plain_cell(tmp_path):
     failed["then"] = "steps"
     assert list(failed_frame([ok, failed])["run_id"]) == ["composed"]
     assert failed_frame([ok, make_record("magnitude", 0.5, 0, 0.0, status="failed")]).empty
+
+
+def test_a_composed_record_is_not_the_plain_cells_record():
+    suite = parse_suite(suite_data())
+    composed = next(c for c in suite.cells() if c.then == "steps")
+    plain = next(c for c in suite.cells() if c.method == "magnitude" and not c.then and c.sparsity == 0.5)
+    cfg = suite.cell_config(composed)
+    record = make_record("magnitude", 0.5, 0, 1.0, suite=suite.name, run_id=cfg.run_id, config=cfg.to_dict())
+    assert cell_done([record], suite, composed) and cell_results([record], suite, composed) == [record]
+    assert not cell_done([record], suite, plain)
+    plain_cfg = suite.cell_config(plain)
+    mine = make_record("magnitude", 0.5, 0, 1.0, suite=suite.name, run_id=plain_cfg.run_id, config=plain_cfg.to_dict())
+    assert cell_results([record, mine], suite, plain) == [mine]

@@ -109,11 +109,12 @@ def accumulate_walk_gradients(
     for t in range(steps):
         timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
         loss = ctx.loss_fn(model, x0, timesteps=timesteps, noise=noise)
-        inside = window.accept(float(loss.detach()))
+        value = float(loss.detach())
+        inside = window.accept(value)
         if not inside and not crossing_step:
             break
         loss.backward()  # before the test's verdict ends the walk, as the reference does
-        losses.append(float(loss.detach()))
+        losses.append(value)
         if not inside:
             break
     model.train(was_training)

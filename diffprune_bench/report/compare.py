@@ -155,8 +155,7 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
     fid_pool = pooled_seed_variance([f if ok else None for (_, f, _), ok in zip(found, on, strict=True)])
     kid_pool = pooled_seed_variance([k if ok else None for (_, _, k), ok in zip(found, on, strict=True)])
     columns["seed_outlier"] = []
-    for position, ((_, row), (control, fid_delta, kid_delta)) in enumerate(
-            zip(table.iterrows(), found, strict=True)):
+    for position, (control, fid_delta, kid_delta) in enumerate(found):
         fid_delta = fid_delta and fid_pool.apply(fid_delta, position)
         kid_delta = kid_delta and kid_pool.apply(kid_delta, position)
         columns["seed_outlier"].append(position in fid_pool.outliers)
@@ -165,7 +164,7 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
             columns[prefix].append(delta.mean if delta else float("nan"))
             columns[f"{prefix}_low"].append(delta.low if delta else float("nan"))
             columns[f"{prefix}_high"].append(delta.high if delta else float("nan"))
-        columns["on_target"].append(_on_target(row))
+        columns["on_target"].append(on[position])
     for name, values in columns.items():
         table[name] = values
     table["rank"] = ""

@@ -447,7 +447,7 @@ def display_table(group: Group) -> pd.DataFrame:
                 "rank": r.get("rank") or "",
                 "control": r.get("control") or "",
                 "ΔFID [95% CI]": _interval(r.get("dfid"), r.get("dfid_low"), r.get("dfid_high"), ".3f")
-                + (" †" if str(r.get("seed_outlier")) == "True" else ""),
+                + (" †" if r.get("seed_outlier", False) else ""),
                 "ΔKID×1e3 [95% CI]": _interval(*(1e3 * r.get(c, float("nan")) for c in ("dkid", "dkid_low",
                                                                                          "dkid_high")), ".2f"),
                 "SSIM": _num(r.get("ssim_to_dense"), ".3f"),

@@ -133,7 +133,7 @@ def _hover(row: pd.Series) -> str:
     lines.append(fid)
     if _finite(row.get("dfid")):
         interval = f" [{row['dfid_low']:+.3f}, {row['dfid_high']:+.3f}]" if _finite(row.get("dfid_low")) else ""
-        own = " with its own seed spread (outside the pool)" if str(row.get("seed_outlier")) == "True" else ""
+        own = " with its own seed spread (outside the pool)" if row.get("seed_outlier", False) else ""
         lines.append(f"ΔFID vs {row.get('control') or 'control'} {row['dfid']:+.3f}{interval} (95% CI){own}")
     if _finite(row.get("speedup")):
         interval = (f" [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"

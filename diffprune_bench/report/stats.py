@@ -176,10 +176,12 @@ def pooled_seed_variance(deltas: list[PairedDelta | None]) -> SeedPool:
     outliers: set[int] = set()
     while len(spreads) - len(outliers) >= 3:
         active = {i: w for i, w in spreads.items() if i not in outliers}
+        total_df = sum(df for df, _ in active.values())
+        total_ss = sum(df * var for df, var in active.values())
         worst, worst_p = None, 1.0
         for i, (df_i, var_i) in active.items():
-            rest_df = sum(df for j, (df, _) in active.items() if j != i)
-            rest_var = sum(df * var for j, (df, var) in active.items() if j != i) / rest_df
+            rest_df = total_df - df_i
+            rest_var = (total_ss - df_i * var_i) / rest_df
             if rest_var <= 0:
                 continue
             p = float(scipy_stats.f.sf(var_i / rest_var, df_i, rest_df))

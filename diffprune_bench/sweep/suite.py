@@ -368,13 +368,20 @@ def record_matches(record: dict[str, Any], key: dict[str, Any]) -> bool:
 
 
 def cell_records(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> list[dict[str, Any]]:
-    key = suite.cell_key(cell)
+    # a plain cell's key leaves ``then`` out (its run id stays what it was); matching must not, or a
+    # composition of the same method, sparsity and seed would pass for the plain cell's record
+    key = {"then": None, **suite.cell_key(cell)}
     return [r for r in records if record_matches(r, key)]
+
+
+def cell_results(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> list[dict[str, Any]]:
+    """The cell's ok records of its training run itself (not the variants a run may add)."""
+    return [r for r in cell_records(records, suite, cell) if r.get("status") == "ok" and is_primary(r)]
 
 
 def cell_done(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> bool:
     """A cell is done when the record of its training run exists with status ok."""
-    return any(r.get("status") == "ok" and is_primary(r) for r in cell_records(records, suite, cell))
+    return bool(cell_results(records, suite, cell))
 
 
 # ---------------------------------------------------------------- the sweep

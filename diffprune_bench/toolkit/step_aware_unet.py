@@ -33,8 +33,9 @@ class StepAwareUNet2DModel(UNet2DModel):
     """A slimmable ``UNet2DModel`` whose width follows the timestep: ``schedule_timesteps[i]`` runs at
     ``width_schedule[i]``."""
 
-    #: the source files an export ships beside the weights (this module first)
-    portable_sources: tuple[str, ...] = (__file__, str(Path(__file__).with_name("slimmable.py")))
+    #: the files an export ships beside the weights, by shipped name (this module first)
+    portable_sources: dict[str, str] = {  # noqa: RUF012 (read-only class data)
+        "step_aware_unet.py": __file__, "slimmable.py": str(Path(__file__).with_name("slimmable.py"))}
 
     def __init__(self, width_schedule: list[float] | None = None, schedule_timesteps: list[int] | None = None,
                  widths: list[float] | None = None, **unet_config: Any) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from diffprune_bench import portable_unet
 from diffprune_bench.toolkit.structural.graph import fix_diffusers_attributes, layer_widths, resize_layers
 
 
@@ -22,8 +23,11 @@ class PrunedUNet2DModel(UNet2DModel):
     are per layer. So the config keeps the dense skeleton and ``channel_plan`` maps every resized layer
     to its widths; ``__init__`` builds the skeleton, resizes those layers and repairs the diffusers
     attributes, so ``PrunedUNet2DModel.from_pretrained`` rebuilds the exact architecture before the
-    weights load (strict shapes, no re-initialisation).
+    weights load (strict shapes, no re-initialisation). Exports ship the torch-and-diffusers-only copy of
+    this class (:mod:`diffprune_bench.portable_unet`) as ``pruned_unet.py``.
     """
+
+    portable_sources = portable_unet.PrunedUNet2DModel.portable_sources
 
     def __init__(self, channel_plan: dict[str, list[int]] | None = None, **unet_config: Any) -> None:
         super().__init__(**unet_config)
