@@ -99,6 +99,8 @@ class RunConfig:
     checkpoint_every: int = 500  # optimizer steps between training checkpoints
     checkpoint_every_s: float = 60.0  # and at most this many seconds between them (0: steps only)
     suite: str | None = None  # name of the suite a sweep ran this cell for (recorded; None for single runs)
+    # set by a sweep for cells whose training another cell repeats: store / reuse it (see trained_cache)
+    share_training: bool = False
     method_params: dict[str, Any] = field(default_factory=dict)
     # composition: a sampler-level method (fewer steps, feature caching) applied to the trained method's model
     then: str | None = None
@@ -226,6 +228,7 @@ RESUME_HARMLESS = (
     "checkpoint_every",
     "checkpoint_every_s",
     "latency_repeats",
+    "share_training",
     "resume",
     "run_id",
 )

@@ -58,6 +58,7 @@ from diffprune_bench.results import (
     write_record,
 )
 from diffprune_bench.rundir import claim_run_dir
+from diffprune_bench.trained_cache import entry_path, load_trained, store_trained
 from diffprune_bench.trainer import Trainer, autocast
 
 CONSISTENCY_SAMPLES = 64
@@ -461,23 +462,21 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     ctx = make_context(cfg, data, device, steps, base=base.model if starts_from_base else None,
                        score_fid=evaluator and evaluator.score_fid,
                        progress=lambda it, **kw: progress_bar(it, leave=False, **kw))
-    model = method.prepare(model, ctx)
-    if method.is_baseline:
-        train_cost = base.info.get("train") or {}
-    elif method.sampler_level:
-        train_cost = {"optimizer_steps": 0, "batch_size": cfg.batch_size, "images_seen": 0, "wall_s": 0.0}
+    shared = entry_path(cfg, record.get("git_commit")) if cfg.share_training else None
+    stored = load_trained(shared, device) if shared is not None else None
+    if stored is not None:  # another cell of the suite trained exactly this model
+        if not dist.is_main:
+            return []
+        deployables = stored["deployables"]
+        train_cost = {**stored["training"], "reused_from": stored["run_id"]}
     else:
-        trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
-                          precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
-                          checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
-                          checkpoint_every_s=cfg.checkpoint_every_s,
-                          description=f"{cfg.method} s={cfg.sparsity:g}",
-                          channels_last=cfg.channels_last, compile=cfg.compile)
-        train_cost = trainer.train().as_dict()
-    if not dist.is_main:  # the other ranks only trained: rank 0 exports, evaluates and records
-        return []
-    exported = method.export(model, ctx)
-    deployables = exported if isinstance(exported, list) else [exported]
+        model, train_cost = _train(cfg, method, model, ctx, base, run_dir)
+        if not dist.is_main:  # the other ranks only trained: rank 0 exports, evaluates and records
+            return []
+        exported = method.export(model, ctx)
+        deployables = exported if isinstance(exported, list) else [exported]
+        if shared is not None:
+            store_trained(shared, deployables, train_cost, run_dir.name)
     if cfg.then:
         deployables = [compose_then(cfg, deployable, ctx) for deployable in deployables]
 
@@ -510,6 +509,23 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         records.append(variant)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return records
+
+
+def _train(cfg: RunConfig, method: Method, model: nn.Module, ctx: MethodContext, base: BaseModel,
+           run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The method's ``prepare`` and its training budget; returns the trained model and the training cost."""
+    model = method.prepare(model, ctx)
+    if method.is_baseline:
+        return model, base.info.get("train") or {}
+    if method.sampler_level:
+        return model, {"optimizer_steps": 0, "batch_size": cfg.batch_size, "images_seen": 0, "wall_s": 0.0}
+    trainer = Trainer(model, method, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                      precision=cfg.precision, checkpoint_dir=run_dir / "checkpoint",
+                      checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                      checkpoint_every_s=cfg.checkpoint_every_s,
+                      description=f"{cfg.method} s={cfg.sparsity:g}",
+                      channels_last=cfg.channels_last, compile=cfg.compile)
+    return model, trainer.train().as_dict()
 
 
 def compose_then(cfg: RunConfig, deployable: Deployable, ctx: MethodContext) -> Deployable:

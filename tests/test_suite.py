@@ -108,6 +108,9 @@ class FakeRun:
         ({"options": {"lr": "fast"}}, "lr 'fast' must be a number"),
         ({"method_params": {"rigl-ish": {"a": 1}}}, "method_params names 'rigl-ish'"),
         ({"method_params": {"toy-method": {"nope": 1}}}, "unknown parameter(s) nope for method 'toy-method'"),
+        ({"method_sparsities": {"rigl-ish": [0.5]}}, "method_sparsities names 'rigl-ish'"),
+        ({"method_sparsities": {"toy-method": [1.5]}}, "sparsity 1.5 must be a number in (0, 1)"),
+        ({"method_sparsities": [0.5]}, "method_sparsities [0.5] must be a mapping"),
     ],
 )
 def test_bad_suites_give_one_line_errors_naming_the_value(toy_method, change, message):
@@ -163,6 +166,18 @@ def test_reference_methods_run_once_per_seed_at_sparsity_zero(toy_method):
     assert "toy-reference" not in registry.METHODS  # the temporary registration is gone
 
 
+def test_method_sparsities_replace_the_suites_targets_for_that_method_only(toy_method):
+    ToyReference.name = "toy-reference"
+    with registry.METHODS.temporary("toy-reference", ToyReference):
+        suite = parse_suite(suite_data(methods=["toy-reference", toy_method, "magnitude"],
+                                       method_sparsities={toy_method: [0.25]}))
+        cells = suite.cells()
+        assert sorted({c.sparsity for c in cells if c.method == toy_method}) == [0.25]
+        assert sorted({c.sparsity for c in cells if c.method == "magnitude"}) == [0.25, 0.5]
+        with pytest.raises(BenchError, match="'toy-reference', which runs at sparsity 0 only"):
+            parse_suite(suite_data(methods=["toy-reference"], method_sparsities={"toy-reference": [0.5]}))
+
+
 def test_cell_config_carries_suite_options_and_method_params(toy_method):
     suite = parse_suite(suite_data(method_params={"toy-method": {"strength": 0.3}}))
     cfg = suite.cell_config(Cell("digits", "toy-method", 0.5, 1), {"results_dir": "elsewhere"})
@@ -181,6 +196,8 @@ def test_bundled_suites_are_valid():
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     full = load_suite(root / "digits.yaml")
     assert full.sparsities == [0.5, 0.75] and len(full.seeds) == 2
+    # DeepCache's shallow branch runs every step: its saving stops near 53 %, so it has no 0.75 cell
+    assert sorted({c.sparsity for c in full.cells() if c.method == "deepcache" and not c.then}) == [0.5]
     assert full.methods == [m for m in registry.method_names() if m != "dense"]
     assert {(c.method, c.then) for c in full.compositions} == {("diff-pruning", "steps"), ("diff-pruning", "deepcache")}
     ci = load_suite(root / "digits-ci.yaml")

@@ -6,6 +6,10 @@ record yet. Records are matched by suite name, dataset, method, sparsity, seed a
 so a sweep that was killed resumes where it stopped (a cell killed part-way continues from its
 training checkpoint) and a sweep whose budget was edited re-runs every cell under the new budget.
 
+``method_sparsities`` (optional) gives a method its own targets instead of ``sparsities``: for a method
+whose savings stop below a target (DeepCache's shallow branch runs every step), so the table holds no row
+that cannot be on target.
+
 ``compositions`` (optional) adds cells of a trained method followed by a sampler-level one: a list of
 ``{method, then, sparsities (default: the suite's), then_params}``; such a cell's key and run id also
 name ``then`` and its parameters, while plain cells keep theirs.
@@ -18,6 +22,7 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +41,10 @@ from diffprune_bench.sweep.cells import (  # noqa: F401 - CellOutcome, run_cell:
     run_cell,
 )
 from diffprune_bench.sweep.executors import make_executor
+from diffprune_bench.trained_cache import training_key
 
 SUITE_KEYS = ("name", "description", "datasets", "methods", "sparsities", "seeds", "options", "method_params",
-              "compositions")
+              "method_sparsities", "compositions")
 COMPOSITION_KEYS = ("method", "then", "sparsities", "then_params")
 REQUIRED_KEYS = ("name", "datasets", "methods", "sparsities", "seeds")
 #: RunConfig fields a suite cannot set in ``options``: they are the grid's axes or set by the sweep.
@@ -54,6 +60,7 @@ BOOKKEEPING_FIELDS = (
     "device",
     "checkpoint_every",
     "checkpoint_every_s",
+    "share_training",
 )
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_RESULTS_DIR = "results/runs"
@@ -76,11 +83,6 @@ class Composition:
     then_params: str = "{}"
 
 
-def _sparsities_of(method: str, sparsities: list[float]) -> list[float]:
-    """A reference method (``takes_sparsity = False``) runs once, at sparsity 0; the others at each target."""
-    return list(sparsities) if get_method_class(method).takes_sparsity else [0.0]
-
-
 @dataclass
 class Suite:
     """A validated suite; ``methods`` is resolved (``all`` -> every registered method but the baseline)."""
@@ -95,6 +97,14 @@ class Suite:
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<suite>"
     compositions: list[Composition] = field(default_factory=list)
+    method_sparsities: dict[str, list[float]] = field(default_factory=dict)
+
+    def targets_of(self, method: str) -> list[float]:
+        """A reference method (``takes_sparsity = False``) runs once, at sparsity 0; the others at each of
+        their own targets (``method_sparsities``) or else the suite's."""
+        if not get_method_class(method).takes_sparsity:
+            return [0.0]
+        return list(self.method_sparsities.get(method, self.sparsities))
 
     def cells(self) -> list[Cell]:
         """The baseline once per dataset x seed at sparsity 0 (it also trains the cached base every other
@@ -105,7 +115,7 @@ class Suite:
             for seed in self.seeds:
                 cells.extend(Cell(dataset, m, 0.0, seed) for m in baseline_methods())
                 cells.extend(Cell(dataset, m, s, seed) for m in self.methods
-                             for s in _sparsities_of(m, self.sparsities))
+                             for s in self.targets_of(m))
                 cells.extend(Cell(dataset, c.method, s, seed, c.then, c.then_params)
                              for c in self.compositions for s in c.sparsities)
         return cells
@@ -209,6 +219,7 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
     seeds = _seeds(data["seeds"], fail)
     options = _options(data.get("options") or {}, fail)
     compositions = _compositions(data.get("compositions") or [], sparsities, fail)
+    method_sparsities = _method_sparsities(data.get("method_sparsities") or {}, methods, fail)
     method_params = _method_params(data.get("method_params") or {}, [*methods, *(c.method for c in compositions)],
                                    fail)
 
@@ -223,6 +234,7 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
         method_params=method_params,
         source=source,
         compositions=compositions,
+        method_sparsities=method_sparsities,
     )
     for cell in suite.cells():
         suite.cell_config(cell)  # every cell's options, method parameters and sparsity, before any run
@@ -319,6 +331,23 @@ def _method_params(
     return result
 
 
+def _method_sparsities(
+    value: Any, methods: list[str], fail: Callable[[str], BenchError]
+) -> dict[str, list[float]]:
+    """``method_sparsities: {method: [targets]}``: a method's own targets, replacing the suite's."""
+    if not isinstance(value, dict):
+        raise fail(f"method_sparsities {value!r} must be a mapping of method: [sparsities]")
+    result: dict[str, list[float]] = {}
+    for method, targets in value.items():
+        if method not in methods:
+            raise fail(f"method_sparsities names {method!r}, which is not one of the suite's methods "
+                       f"({', '.join(methods)})")
+        if not get_method_class(method).takes_sparsity:
+            raise fail(f"method_sparsities names {method!r}, which runs at sparsity 0 only")
+        result[method] = _sparsities(targets, fail)
+    return result
+
+
 def _compositions(value: Any, sparsities: list[float], fail: Callable[[str], BenchError]) -> list[Composition]:
     """``compositions: [{method, then, sparsities?, then_params?}]``: trained x sampler-level cells."""
     from diffprune_bench.registry import method_names
@@ -400,6 +429,23 @@ class SweepResult:
         return len(self.failed)
 
 
+def share_repeated_training(configs: list[tuple[Cell, RunConfig]]) -> list[tuple[Cell, RunConfig]]:
+    """Cells that train the same model (a composition and its plain cell, two compositions of one trained
+    method) share one training through the cache (``share_training``, see :mod:`diffprune_bench.trained_cache`);
+    the cells that repeat an earlier one's training move to the end, so that it has finished by then."""
+    keys = [training_key(cfg) for _, cfg in configs]
+    counts = Counter(keys)
+    firsts: list[tuple[Cell, RunConfig]] = []
+    repeats: list[tuple[Cell, RunConfig]] = []
+    seen: set[str] = set()
+    for (cell, cfg), key in zip(configs, keys, strict=True):
+        if counts[key] > 1:
+            cfg = cfg.replace(share_training=True)
+        (repeats if key in seen else firsts).append((cell, cfg))
+        seen.add(key)
+    return firsts + repeats
+
+
 def sweep(
     suite: Suite,
     overrides: dict[str, Any] | None = None,
@@ -431,7 +477,7 @@ def sweep(
             f"sweep overrides {', '.join(bad)} are not allowed; allowed: {', '.join(BOOKKEEPING_FIELDS)}"
         )
     executor = make_executor(run_fn or default_run, jobs, cluster)
-    configs = [(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()]
+    configs = share_repeated_training([(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()])
     results_dir = configs[0][1].results_dir
     records = load_records(results_dir)
     result = SweepResult(cells=len(configs), results_dir=results_dir)
