@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,65 @@ def test_parallel_sweep_runs_cells_in_worker_processes(toy_method, tmp_path):
     assert sum(r["status"] == "failed" for r in records) == 2
     with pytest.raises(BenchError, match="jobs 0 must be a positive integer"):
         sweep(suite, overrides, run_fn=parallel_fake_run, jobs=0)
+
+
+SLEEPY_SWEEP = """
+import os, sys, time
+from pathlib import Path
+from diffprune_bench.config import make_config
+from diffprune_bench.sweep.cells import Cell
+from diffprune_bench.sweep.executors import PoolExecutor
+
+def sleepy(cfg):
+    Path(sys.argv[1], f"{os.getpid()}.pid").write_text("")
+    time.sleep(300)
+    return []
+
+if __name__ == "__main__":
+    work = [(Cell("digits", "magnitude", 0.5, seed),
+             make_config({"method": "magnitude", "sparsity": 0.5, "seed": seed, "run_id": f"cell{seed}",
+                          "results_dir": sys.argv[2]})) for seed in (0, 1)]
+    PoolExecutor(sleepy, 2).run(work, lambda cell, outcome: None, print)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_of_a_killed_sweep_stop_instead_of_running_on(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pids = tmp_path / "sleepy_sweep.py", tmp_path / "pids"
+    script.write_text(SLEEPY_SWEEP)
+    pids.mkdir()
+    sweep_process = subprocess.Popen([sys.executable, str(script), str(pids), str(tmp_path / "runs")])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(path.stem) for path in pids.iterdir()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        os.kill(sweep_process.pid, signal.SIGKILL)  # no handler can run: only the kernel can stop them
+        sweep_process.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        sweep_process.kill()
+        for path in pids.iterdir():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(path.stem), signal.SIGKILL)
 
 
 def test_a_failure_before_the_harness_writes_anything_still_leaves_a_failed_record(toy_method, tmp_path):

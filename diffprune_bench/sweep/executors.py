@@ -108,13 +108,35 @@ def make_executor(run_fn: RunFn, jobs: int = 1, cluster: Any = None) -> Executor
 
 
 def _init_worker(threads: int) -> None:
-    """Worker processes: an equal share of the threads, and no per-run progress bars of their own."""
+    """Worker processes: an equal share of the threads, no per-run progress bars of their own, and no
+    life after their sweep's."""
     import os
 
+    _die_with_parent()
     os.environ["TQDM_DISABLE"] = "1"
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _die_with_parent() -> None:
+    """A killed sweep (``kill``, a scheduler's SIGTERM or SIGKILL) must not leave its workers running cells
+    unseen, into folders the next sweep writes too, and stealing its cores: on Linux the kernel sends a
+    worker SIGTERM when the sweep exits (``prctl(PR_SET_PDEATHSIG)``). Ctrl-C already reaches the workers,
+    which share the terminal's process group. A cell killed this way resumes from its checkpoint."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: workers then outlive a killed sweep, as before
+        return
+    if os.getppid() == 1:  # the sweep died before the request was in place
+        os._exit(1)
 
 
 def _outcome(future: Any, cell: Cell, phase: list[tuple[Cell, RunConfig]]) -> CellOutcome:
