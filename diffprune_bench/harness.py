@@ -43,6 +43,7 @@ from diffprune_bench.metrics.fid import (
     reference_stats,
     resolve_inception_weights,
 )
+from diffprune_bench.metrics.graph_latency import LatencyStore, measurement_key, trajectory_signature
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
 from diffprune_bench.models import build_model, check_data_fits, count_params, load_pretrained_with_info, weights_hash
@@ -216,6 +217,7 @@ class Evaluator:
         self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
         self.lock = lock
         self._search_reference = None  # training-split statistics, computed when a search first asks
+        self._code_version = git_commit() or __version__  # a latency measured by other code is not reused
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -297,12 +299,22 @@ class Evaluator:
             self._dense_samples = self.sample(Deployable(self.base.model), self.noise[:CONSISTENCY_SAMPLES])
         return self._dense_samples
 
-    def latency(self, deployable: Deployable, is_baseline: bool) -> dict[str, Any]:
-        """Serial A/B timing against the dense base (see :mod:`diffprune_bench.metrics.latency`)."""
+    def latency(self, deployable: Deployable, is_baseline: bool, origin: str | None = None) -> dict[str, Any]:
+        """Serial A/B timing against the dense base (see :mod:`diffprune_bench.metrics.latency`), once per
+        distinct graph and protocol (see :mod:`diffprune_bench.metrics.graph_latency`)."""
         batch = self.noise[: self.cfg.latency_batch]
         dense = None if is_baseline else (lambda: self.sample(Deployable(self.base.model), batch))
+        key = measurement_key(
+            trajectory_signature(deployable.module_for_step, self.steps_of(deployable)),
+            None if is_baseline else trajectory_signature(lambda _step: self.base.model, self.cfg.sample_steps),
+            {"batch": int(batch.shape[0]), "repeats": self.cfg.latency_repeats, "threads": torch.get_num_threads(),
+             "device": str(self.device), "device_name": _device_name(self.device), "host": platform.node(),
+             "precision": self.cfg.precision, "channels_last": self.cfg.channels_last, "compile": self.cfg.compile,
+             "spacing": self.cfg.timestep_spacing, "code": self._code_version},
+        )
         result = measure_ab(dense, lambda: self.sample(deployable, batch), self.device,
-                            repeats=self.cfg.latency_repeats, threads=torch.get_num_threads(), lock=self.lock)
+                            repeats=self.cfg.latency_repeats, threads=torch.get_num_threads(), lock=self.lock,
+                            store=LatencyStore(self.cfg.cache_dir), key=key, origin=origin)
         if is_baseline:
             result.update(speedup=1.0, speedup_ci=[1.0, 1.0], dense_median_s=result["median_s"])
         return {**result, "batch": int(batch.shape[0]), "steps": self.steps_of(deployable)}
@@ -320,7 +332,7 @@ class Evaluator:
         else:
             traj_dense, traj_effective = report.total * steps, report.effective * steps
         total, nonzero = count_params(model)
-        latency = self.latency(deployable, is_baseline)
+        latency = self.latency(deployable, is_baseline, origin=run_dir.name)
         np.save(run_dir / FEATURES_NAME, np.asarray(features, dtype=np.float32))  # for paired statistics
         own = samples[:CONSISTENCY_SAMPLES]
         ssim = 1.0 if is_baseline else mean_ssim(own, self.dense_samples())

@@ -483,7 +483,9 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
         "flagged ⚠ and never ranked.",
         "- **Latency**: serial (no other run computes while it is timed), dense and compressed trajectories "
         "interleaved A/B after warm-up; speedup = median dense / median compressed with a 95 % bootstrap "
-        "interval (mean over seeds); an interval containing 1.0 shows as ≈1.0x.",
+        "interval (mean over seeds); an interval containing 1.0 shows as ≈1.0x. Each distinct executed graph "
+        "(module shapes and configuration per sampling step, weights aside) is timed once and its measurement "
+        "shared by every record that runs it: rows with the same architecture show the same speed-up.",
         "- **Cost**: images (total) = images the deployed weights have seen (the base's training included for "
         "methods that start from it); extra GMACs = scoring / search passes outside the optimizer steps "
         "(forward + backward, backward counted as 2x forward).",
