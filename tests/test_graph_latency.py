@@ -44,6 +44,15 @@ def test_weights_do_not_change_the_signature_but_the_graph_does():
     narrower = nn.Conv2d(3, 4, 3)
     assert module_signature(nn.Conv2d(3, 8, 3)) != module_signature(narrower)  # pruned channels
     assert module_signature(nn.Conv2d(3, 8, 3, stride=2)) != module_signature(nn.Conv2d(3, 8, 3))
+    reregistered = nn.Linear(4, 4)  # what removing a parametrization leaves: weight registered after bias
+    weight = reregistered.weight
+    del reregistered.weight
+    reregistered.weight = weight
+    assert [n for n, _ in reregistered.named_parameters()] == ["bias", "weight"]
+    assert module_signature(reregistered) == module_signature(nn.Linear(4, 4))
+    strided = nn.Linear(4, 4)
+    strided.weight = nn.Parameter(torch.randn(4, 4).t())  # a copy on every call
+    assert module_signature(strided) != module_signature(nn.Linear(4, 4))
     inner = nn.Linear(4, 4)
     assert module_signature(Scaled(inner, 0.5)) != module_signature(Scaled(inner, 0.75))
     hooked = nn.Linear(4, 4)
@@ -88,6 +97,8 @@ def test_runs_of_one_architecture_share_a_measurement_and_others_do_not(tiny_con
     assert same["reused"] is True  # (first may itself reuse an earlier test's measurement of this graph)
     assert same["measured_in"] == first["measured_in"] and same["speedup"] == pytest.approx(first["speedup"])
     masked = run(tiny_config(method="magran", sparsity=0.5))[0]["metrics"]["latency"]
+    nm = run(tiny_config(method="sparsedm", sparsity=0.5))[0]["metrics"]["latency"]
+    assert nm["reused"] is True and nm["measured_in"] == masked["measured_in"]  # N:M: the dense graph too
     dense_ft = run(tiny_config(method="dense-ft"))[0]["metrics"]["latency"]
     assert masked["graph_key"] != first["graph_key"]  # the dense graph, not the pruned one
     assert dense_ft["reused"] is True and dense_ft["measured_in"] == masked["measured_in"]

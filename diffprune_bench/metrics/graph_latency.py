@@ -40,8 +40,10 @@ def module_signature(module: nn.Module) -> str:
     shapes and dtypes, and the hooks that could add work."""
     parts = []
     for name, sub in module.named_modules(remove_duplicate=False):
-        tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in
-                   [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)] if t is not None]
+        # sorted: the order tensors were registered in changes nothing (removing a parametrization
+        # registers a weight again after its bias); a non-contiguous weight does (a copy every call)
+        tensors = sorted((n, tuple(t.shape), str(t.dtype), t.is_contiguous()) for n, t in
+                         [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)] if t is not None)
         hooks = (len(sub._forward_hooks), len(sub._forward_pre_hooks))
         parts.append([name, type(sub).__qualname__, sub.extra_repr(), _attributes(sub), tensors, hooks])
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
