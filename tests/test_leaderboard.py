@@ -305,3 +305,9 @@ def test_a_scratch_row_is_matched_only_to_a_scratch_control_trained_as_long():
     controls = dict(zip(table["method"], table["control"], strict=True))
     assert controls["sparse-long"] == "my-scratch"
     assert controls["sparse-short"] == ""  # 100 steps: neither the 600-step control nor the base
+    short_control = _trained(make_record("my-short-scratch", 0.0, 0, 3.0, family="dense"), 100)
+    short_control.update(is_baseline=False, takes_sparsity=False, init="scratch")
+    table = lb.build([base, scratch_control, short_control, long_row, short_row]).groups[0].table
+    controls = dict(zip(table["method"], table["control"], strict=True))
+    assert controls["sparse-long"] == "my-scratch" and controls["sparse-short"] == "my-short-scratch"
+    assert controls["my-short-scratch"] == "my-base" and controls["my-scratch"] == "my-base"

@@ -44,13 +44,14 @@ TARGET_TOLERANCE = 0.02
 class Controls:
     """The control rows of a table, found by the methods' attributes, never by their names: the baseline
     (``is_baseline``: the base itself) and the reference rows (``takes_sparsity`` False) that start from
-    the base (``pretrained``: dense-ft) or train from scratch (``scratch``: dense-scratch)."""
+    the base (``pretrained``: dense-ft) or train from scratch (``scratch``: dense-scratch with the scratch
+    budget, dense-scratch-ft with the fine-tune budget)."""
 
     baseline: str | None = None
     pretrained: str | None = None
-    scratch: str | None = None
-    #: optimizer steps of the scratch control: only a scratch row trained exactly as long is matched to it
-    scratch_steps: float | None = None
+    #: (optimizer steps, method) of each scratch control: a scratch row is matched to the one trained
+    #: exactly as long (steps None: an old record without them, matched to any scratch row)
+    scratch: tuple[tuple[float | None, str], ...] = ()
 
     @classmethod
     def of(cls, table: pd.DataFrame) -> Controls:
@@ -60,13 +61,17 @@ class Controls:
 
         baseline = table["is_baseline"].astype(bool)
         reference = table["is_reference"].astype(bool) & ~baseline
-        scratch = reference & table["init"].eq("scratch")
-        steps = table.loc[scratch, "train_steps"] if "train_steps" in table else pd.Series(dtype=float)
-        return cls(first(baseline), first(reference & table["init"].eq("pretrained")), first(scratch),
-                   float(steps.iloc[0]) if len(steps) and pd.notna(steps.iloc[0]) else None)
+        scratch_rows = table.loc[reference & table["init"].eq("scratch")].drop_duplicates("method")
+        scratch = tuple(
+            (float(steps) if pd.notna(steps) else None, str(method))
+            for method, steps in zip(scratch_rows["method"],
+                                     scratch_rows.get("train_steps", pd.Series([None] * len(scratch_rows))),
+                                     strict=True)
+        )
+        return cls(first(baseline), first(reference & table["init"].eq("pretrained")), scratch)
 
     def names(self) -> set[str]:
-        return {n for n in (self.baseline, self.pretrained, self.scratch) if n}
+        return {n for n in (self.baseline, self.pretrained, *(name for _, name in self.scratch)) if n}
 
 
 def control_for(row: pd.Series, controls: Controls, base_steps: int | None) -> str | None:
@@ -79,10 +84,11 @@ def control_for(row: pd.Series, controls: Controls, base_steps: int | None) -> s
         return controls.baseline
     if init == "pretrained":
         return controls.pretrained if trained else controls.baseline
-    if controls.scratch and (controls.scratch_steps is None or steps == controls.scratch_steps):
-        return controls.scratch
-    # no dense model trained from scratch as long (e.g. reinit's fine-tune-length scratch row): the base
-    # itself is the control only when it had the same budget; otherwise there is no fair one
+    for control_steps, name in controls.scratch:
+        if control_steps is None or steps == control_steps:
+            return name
+    # no dense model trained from scratch as long: the base itself is the control only when it had the
+    # same budget; otherwise there is no fair one
     return controls.baseline if base_steps is not None and steps == base_steps else None
 
 

@@ -471,9 +471,10 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
         "",
         "- **Controls** on top: `dense` (the base), `dense-ft` (the base fine-tuned with the pretrained "
         "methods' budget, nothing compressed), `dense-scratch` (a dense model trained from scratch with the "
-        "scratch methods' budget). Each row's ΔFID / ΔKID is against its budget-matched control (column "
-        "*control*): trained pretrained-init rows vs `dense-ft`, training-free rows vs `dense`, scratch rows vs "
-        "`dense-scratch` (or `dense` when the base had the same budget).",
+        "scratch methods' budget; `dense-scratch-ft`: with the fine-tune budget). Each row's ΔFID / ΔKID is "
+        "against its budget-matched control (column *control*): trained pretrained-init rows vs `dense-ft`, "
+        "training-free rows vs `dense`, scratch rows vs the dense model trained from scratch exactly as long "
+        "(or `dense` when the base had the same budget).",
         f"- **Statistics**: {STATISTICS_NOTE}. FID / KID columns: mean ± sample std over seeds.",
         "- **Ranking** at each target saving, among rows on target: **bold** = best FID whose paired advantage "
         "over the runner-up is significant (its 95 % interval excludes 0); otherwise the rows whose difference "
