@@ -199,7 +199,7 @@ class Evaluator:
     """Measures a Deployable under the run's protocol; built once per run, reused for every variant."""
 
     def __init__(self, cfg: RunConfig, data: DataBundle, device: torch.device, base: BaseModel,
-                 lock: MachineLock | None = None) -> None:
+                 lock: MachineLock | None = None, code_version: str | None = None) -> None:
         self.cfg, self.data, self.device, self.base = cfg, data, device, base
         self.extractor: FeatureExtractor = build_extractor(
             cfg.fid_extractor, cfg.cache_dir, weights=cfg.inception_weights, device=device
@@ -217,7 +217,8 @@ class Evaluator:
         self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
         self.lock = lock
         self._search_reference = None  # training-split statistics, computed when a search first asks
-        self._code_version = git_commit() or __version__  # a latency measured by other code is not reused
+        self._code_version = code_version  # a latency measured by other code is not reused (None: looked up)
+        self._latency_context: tuple[str, dict[str, Any]] | None = None
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -299,19 +300,29 @@ class Evaluator:
             self._dense_samples = self.sample(Deployable(self.base.model), self.noise[:CONSISTENCY_SAMPLES])
         return self._dense_samples
 
+    def latency_context(self) -> tuple[str, dict[str, Any]]:
+        """The dense trajectory's graph signature and what else sets a trajectory's time: the same for every
+        deployable of the run, so computed once."""
+        if self._latency_context is None:
+            protocol = {
+                "batch": min(self.cfg.latency_batch, self.cfg.num_samples), "repeats": self.cfg.latency_repeats,
+                "threads": torch.get_num_threads(), "device": str(self.device),
+                "device_name": _device_name(self.device), "host": platform.node(), "precision": self.cfg.precision,
+                "channels_last": self.cfg.channels_last, "compile": self.cfg.compile,
+                "spacing": self.cfg.timestep_spacing, "code": self._code_version or git_commit() or __version__,
+            }
+            dense = trajectory_signature(lambda _step: self.base.model, self.cfg.sample_steps)
+            self._latency_context = (dense, protocol)
+        return self._latency_context
+
     def latency(self, deployable: Deployable, is_baseline: bool, origin: str | None = None) -> dict[str, Any]:
         """Serial A/B timing against the dense base (see :mod:`diffprune_bench.metrics.latency`), once per
         distinct graph and protocol (see :mod:`diffprune_bench.metrics.graph_latency`)."""
         batch = self.noise[: self.cfg.latency_batch]
         dense = None if is_baseline else (lambda: self.sample(Deployable(self.base.model), batch))
-        key = measurement_key(
-            trajectory_signature(deployable.module_for_step, self.steps_of(deployable)),
-            None if is_baseline else trajectory_signature(lambda _step: self.base.model, self.cfg.sample_steps),
-            {"batch": int(batch.shape[0]), "repeats": self.cfg.latency_repeats, "threads": torch.get_num_threads(),
-             "device": str(self.device), "device_name": _device_name(self.device), "host": platform.node(),
-             "precision": self.cfg.precision, "channels_last": self.cfg.channels_last, "compile": self.cfg.compile,
-             "spacing": self.cfg.timestep_spacing, "code": self._code_version},
-        )
+        dense_signature, protocol = self.latency_context()
+        key = measurement_key(trajectory_signature(deployable.module_for_step, self.steps_of(deployable)),
+                              None if is_baseline else dense_signature, protocol)
         result = measure_ab(dense, lambda: self.sample(deployable, batch), self.device,
                             repeats=self.cfg.latency_repeats, threads=torch.get_num_threads(), lock=self.lock,
                             store=LatencyStore(self.cfg.cache_dir), key=key, origin=origin)
@@ -459,24 +470,20 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
     base = get_base_model(cfg, data, device)
     record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train", "pretrained")}
-    evaluator = Evaluator(cfg, data, device, base, lock) if dist.is_main else None  # rank 0 alone evaluates
+    evaluator = (Evaluator(cfg, data, device, base, lock, code_version=record.get("git_commit"))
+                 if dist.is_main else None)  # rank 0 alone evaluates
     record["protocol"] = evaluator.protocol() if evaluator else None
 
     seed_everything(cfg.seed)
-    if method.is_baseline or method.sampler_level:  # training-free: the base as it is
-        model, steps = base.model, 0
-    elif method.init == "pretrained":
-        model, steps = copy.deepcopy(base.model).train(), cfg.finetune_steps
-    else:
-        steps = cfg.finetune_steps if method.budget == "finetune" else scratch_budget(cfg)
-        model = build_model(cfg.preset, seed=cfg.seed).to(device)
+    shared = entry_path(cfg, record.get("git_commit")) if cfg.share_training else None
+    stored = load_trained(shared, device) if shared is not None else None  # another cell trained this model
+    steps = training_budget(cfg, method)
+    model = starting_model(cfg, method, base, device) if stored is None else None
     starts_from_base = method.init == "pretrained" and not method.is_baseline  # its teacher: a lazy copy
     ctx = make_context(cfg, data, device, steps, base=base.model if starts_from_base else None,
                        score_fid=evaluator and evaluator.score_fid,
                        progress=lambda it, **kw: progress_bar(it, leave=False, **kw))
-    shared = entry_path(cfg, record.get("git_commit")) if cfg.share_training else None
-    stored = load_trained(shared, device) if shared is not None else None
-    if stored is not None:  # another cell of the suite trained exactly this model
+    if stored is not None:
         if not dist.is_main:
             return []
         deployables = stored["deployables"]
@@ -521,6 +528,25 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         records.append(variant)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return records
+
+
+def training_budget(cfg: RunConfig, method: Method) -> int:
+    """Optimizer steps the method trains for: none without training, the fine-tune budget from the base,
+    the scratch budget (or the fine-tune one, ``budget = "finetune"``) from scratch."""
+    if method.is_baseline or method.sampler_level:
+        return 0
+    if method.init == "pretrained" or method.budget == "finetune":
+        return cfg.finetune_steps
+    return scratch_budget(cfg)
+
+
+def starting_model(cfg: RunConfig, method: Method, base: BaseModel, device: torch.device) -> nn.Module:
+    """What the method starts from: the base as it is (training-free), a copy of it, or a fresh UNet."""
+    if method.is_baseline or method.sampler_level:
+        return base.model
+    if method.init == "pretrained":
+        return copy.deepcopy(base.model).train()
+    return build_model(cfg.preset, seed=cfg.seed).to(device)
 
 
 def _train(cfg: RunConfig, method: Method, model: nn.Module, ctx: MethodContext, base: BaseModel,

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from diffprune_bench.results import atomic_write_text
 
 FOLDER = "latency"
 
@@ -78,10 +79,7 @@ class LatencyStore:
         return {**result, "reused": True} if isinstance(result, dict) and "median_s" in result else None
 
     def put(self, key: str, result: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, self.folder / f"{key}.json")
+        atomic_write_text(self.folder / f"{key}.json", json.dumps(result))
 
 
 def measurement_key(trajectory: str, dense: str | None, protocol: dict[str, Any]) -> str:

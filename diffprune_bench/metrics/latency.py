@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffprune_bench.metrics.graph_latency import LatencyStore
+
 LOCK_NAME = "compute.lock"
 TURNSTILE_NAME = "timing.turnstile"
 MIN_REPEATS = 10
@@ -164,7 +166,7 @@ def measure_ab(
     warmup: int = 1,
     threads: int | None = None,
     lock: MachineLock | None = None,
-    store: Any = None,
+    store: LatencyStore | None = None,
     key: str | None = None,
     origin: str | None = None,
 ) -> dict[str, Any]:
