@@ -13,9 +13,11 @@ import time
 
 import torch
 
+from diffprune_bench.base_model import get_base_model
 from diffprune_bench.config import make_config
 from diffprune_bench.data import load_dataset
-from diffprune_bench.harness import Evaluator, get_base_model, resolve_config, select_device
+from diffprune_bench.evaluator import Evaluator
+from diffprune_bench.harness import resolve_config, select_device
 from diffprune_bench.metrics.fid import fid_from_features, kid_from_features
 from diffprune_bench.registry import Deployable
 

@@ -26,9 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from diffprune_bench.base_model import BaseModel, make_context, seed_everything  # noqa: E402
 from diffprune_bench.config import make_config  # noqa: E402
 from diffprune_bench.data import load_dataset  # noqa: E402
-from diffprune_bench.harness import BaseModel, Evaluator, make_context, resolve_config, seed_everything  # noqa: E402
+from diffprune_bench.evaluator import Evaluator  # noqa: E402
+from diffprune_bench.harness import resolve_config  # noqa: E402
 from diffprune_bench.metrics.fid import fid_from_features  # noqa: E402
 from diffprune_bench.models import build_model  # noqa: E402
 from diffprune_bench.registry import Deployable, Method  # noqa: E402

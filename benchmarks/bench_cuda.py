@@ -19,7 +19,8 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from diffprune_bench.context import MethodContext, infinite_batches
+from diffprune_bench.context import MethodContext
+from diffprune_bench.data import infinite_batches
 from diffprune_bench.diffusion import ddim_sample, initial_noise
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import Method

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 import yaml
 
+from diffprune_bench.base_model import BaseModel, make_context, seed_everything
 from diffprune_bench.config import make_config
 from diffprune_bench.data import load_dataset
-from diffprune_bench.harness import BaseModel, Evaluator, make_context, resolve_config, seed_everything
+from diffprune_bench.evaluator import Evaluator
+from diffprune_bench.harness import resolve_config
 from diffprune_bench.metrics.fid import fid_from_features
 from diffprune_bench.metrics.macs import trajectory_macs
 from diffprune_bench.models import build_model

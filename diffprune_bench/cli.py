@@ -62,6 +62,8 @@ def run(
     download: bool = typer.Option(None, "--download/--no-download", help="Download missing data when online."),
     resolution: int = typer.Option(None, help="Image size for celeba / imagefolder (default: the dataset's)."),
     num_workers: int = typer.Option(None, help="Data loader processes (default: automatic)."),
+    threads: int = typer.Option(None, help="CPU threads of the run (default: the dataset's; digits: 1, as in a "
+                                "sweep, so a hand-run cell reproduces its sweep cell bit-for-bit)."),
     base_steps: int = typer.Option(None, help="Training steps of the dense base."),
     finetune_steps: int = typer.Option(None, help="Fine-tuning steps of pretrained methods."),
     scratch_steps: int = typer.Option(None, help="Training steps of scratch methods (default: base steps)."),
@@ -96,6 +98,7 @@ def run(
     values.update(_cli_values(
         method=method, dataset=dataset, sparsity=sparsity, seed=seed, preset=preset, base=base, device=device,
         data_root=data_root, download=download, resolution=resolution, num_workers=num_workers,
+        threads=threads,
         channels_last=channels_last, compile=compile, base_steps=base_steps, finetune_steps=finetune_steps,
         scratch_steps=scratch_steps,
         batch_size=batch_size, lr=lr, ema_decay=ema_decay, precision=precision, sample_steps=sample_steps,

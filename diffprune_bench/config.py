@@ -71,6 +71,10 @@ class RunConfig:
     download: bool = False
     resolution: int | None = None  # image size of celeba / imagefolder (None: the dataset's default)
     num_workers: int | None = None  # data loader processes (None: automatic, see data.default_num_workers)
+    # CPU intra-op threads of the run (None: the dataset's default, else torch's). A CPU's float reductions
+    # depend on the thread count, so a cell reproduces bit-for-bit only at the same count: digits fixes 1,
+    # which is also what a sweep's single-thread workers use, so a hand-run cell equals its sweep cell.
+    threads: int | None = None
     # training budgets: the base gets base_steps, pretrained methods finetune_steps, scratch methods
     # scratch_steps (None: base_steps; their control is a dense model trained from scratch as long)
     base_steps: int | None = None
@@ -132,6 +136,8 @@ class RunConfig:
                 raise BenchError(f"{name.replace('_', '-')} {value!r} must be a positive integer")
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise BenchError(f"resolution {self.resolution!r} must be an integer of at least 8")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise BenchError(f"threads {self.threads!r} must be a positive integer")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise BenchError(f"num-workers {self.num_workers!r} must be a non-negative integer")
         if self.seed < 0:

@@ -10,39 +10,9 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from diffprune_bench.diffusion import diffusion_loss
 from diffprune_bench.distributed import Distributed, current
-
-
-def infinite_batches(
-    dataset: Dataset, batch_size: int, seed: int, device: torch.device, num_workers: int | None = None
-) -> Iterator[torch.Tensor]:
-    """Endless shuffled image batches (labels dropped), reproducible from ``seed``.
-
-    With worker processes, the loader's seeded generator fixes every worker's seed, so random flips are
-    reproducible too; workers persist across epochs and batches go through pinned memory on CUDA.
-    """
-    from diffprune_bench.data import default_num_workers
-
-    workers = default_num_workers(dataset) if num_workers is None else num_workers
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    while True:
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            yield images.to(device, non_blocking=True)
 
 
 def random_batches(shape: tuple[int, ...], batch_size: int, seed: int, device: torch.device) -> Iterator[torch.Tensor]:

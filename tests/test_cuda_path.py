@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from diffprune_bench.base_model import make_context
 from diffprune_bench.data import load_digits
 from diffprune_bench.errors import BenchError
-from diffprune_bench.harness import make_context, resolve_config, run, select_device
+from diffprune_bench.harness import resolve_config, run, select_device
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import get_method_class
 from diffprune_bench.trainer import Trainer

@@ -19,10 +19,10 @@ from fake_datasets import (
 )
 
 from diffprune_bench.config import make_config
-from diffprune_bench.context import infinite_batches
 from diffprune_bench.data import (
     CELEBA_CROP,
     image_batches,
+    infinite_batches,
     load_celeba,
     load_cifar10,
     load_dataset,

@@ -252,8 +252,10 @@ def test_tiny_end_to_end_run(tiny_config) -> None:
 def test_search_fid_is_scored_against_the_training_split(tiny_config) -> None:
     import numpy as np
 
+    from diffprune_bench.base_model import get_base_model
     from diffprune_bench.data import image_batches, load_dataset
-    from diffprune_bench.harness import Evaluator, get_base_model, resolve_config
+    from diffprune_bench.evaluator import Evaluator
+    from diffprune_bench.harness import resolve_config
     from diffprune_bench.metrics.fid import extract_features, fid_from_features
     from diffprune_bench.registry import Deployable
 
@@ -267,7 +269,7 @@ def test_search_fid_is_scored_against_the_training_split(tiny_config) -> None:
     deployable = Deployable(evaluator.base.model)
     score = evaluator.score_fid(deployable, 32)
     from diffprune_bench.diffusion import initial_noise
-    from diffprune_bench.harness import SEARCH_NOISE_OFFSET
+    from diffprune_bench.evaluator import SEARCH_NOISE_OFFSET
 
     noise = initial_noise(32, data.shape, cfg.seed + SEARCH_NOISE_OFFSET, torch.device("cpu"))
     features = evaluator.extractor.features(evaluator.sample(deployable, noise))

@@ -85,9 +85,9 @@ def test_the_shards_of_two_ranks_are_the_global_batch_and_its_noise():
 # ---------------------------------------------------------------- two real processes
 def train_tiny(method_name: str, params: dict, steps: int) -> dict:
     """Train the tiny preset with ``method_name`` through the harness's context and trainer."""
+    from diffprune_bench.base_model import make_context, seed_everything
     from diffprune_bench.config import make_config
     from diffprune_bench.data import load_dataset
-    from diffprune_bench.harness import make_context, seed_everything
     from diffprune_bench.models import build_model
     from diffprune_bench.registry import create_method
     from diffprune_bench.trainer import Trainer

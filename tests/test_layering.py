@@ -87,3 +87,62 @@ def test_every_layer_exists_and_methods_hold_only_methods() -> None:
     registered_modules = {cls.__module__ for cls in registry.METHODS.values()}
     files = {f"diffprune_bench.methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py") if p.stem != "__init__"}
     assert files <= registered_modules, f"modules in methods/ that register no method: {files - registered_modules}"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (function-local and TYPE_CHECKING imports included: a
+    circle hidden in a function body is still a circle). ``from pkg import name`` counts as an import of
+    ``pkg.name`` when that is a module, else of ``pkg``; package ``__init__`` files are left out (importing
+    a submodule runs them, so they would close a trivial circle with every module they re-export)."""
+    names = {module_name(p) for p in paths if p.name != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        if path.name == "__init__.py":
+            continue
+        targets = set()
+        for imported in imported_modules(path):
+            while imported and imported not in names:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != module_name(path):
+                targets.add(imported)
+        graph[module_name(path)] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_circle() -> None:
+    cycle = find_cycle(import_graph(MODULES))
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_circle_finder_sees_a_lazy_circle(tmp_path: Path) -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

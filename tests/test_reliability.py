@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from diffprune_bench import progress, trainer
+from diffprune_bench.base_model import make_context
 from diffprune_bench.config import RESUME_HARMLESS, make_config, parse_checkpoint_every, resume_refusal
 from diffprune_bench.data import load_dataset
 from diffprune_bench.errors import BenchError
-from diffprune_bench.harness import check_precision, make_context, resolve_config
+from diffprune_bench.harness import check_precision, resolve_config
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import get_method_class
 from diffprune_bench.report.leaderboard import write_leaderboard

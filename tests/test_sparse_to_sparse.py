@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from diffprune_bench.base_model import make_context
 from diffprune_bench.data import load_dataset
 from diffprune_bench.errors import BenchError
-from diffprune_bench.harness import make_context, resolve_config, run
+from diffprune_bench.harness import resolve_config, run
 from diffprune_bench.models import build_model
 from diffprune_bench.registry import create_method
 from diffprune_bench.toolkit.masks import MASK_BUFFER, drop_fraction_at

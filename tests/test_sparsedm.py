@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from diffprune_bench.base_model import make_context
 from diffprune_bench.data import load_dataset
 from diffprune_bench.diffusion import diffusion_loss
 from diffprune_bench.errors import BenchError
-from diffprune_bench.harness import make_context, resolve_config, run
+from diffprune_bench.harness import resolve_config, run
 from diffprune_bench.methods.sparsedm import default_inference_patterns
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model
