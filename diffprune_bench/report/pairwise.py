@@ -18,7 +18,14 @@ from string import ascii_lowercase
 
 import numpy as np
 
-from diffprune_bench.report.stats import CONFIDENCE, DrawCache, PairedDelta, Reference, paired_fid_delta
+from diffprune_bench.report.stats import (
+    BOOTSTRAP_DRAWS,
+    CONFIDENCE,
+    DrawCache,
+    PairedDelta,
+    Reference,
+    paired_fid_delta,
+)
 
 #: family-wise error rate of the pairwise tests at one target
 ALPHA = 1 - CONFIDENCE
@@ -116,8 +123,8 @@ class TargetComparison:
 
 
 def compare_rows(target: float, features: dict[Hashable, dict[int, np.ndarray]], means: dict[Hashable, float],
-                 labels: dict[Hashable, str], reference: Reference | None,
-                 cache: DrawCache | None = None) -> TargetComparison:
+                 labels: dict[Hashable, str], reference: Reference | None, cache: DrawCache | None = None,
+                 draws: int = BOOTSTRAP_DRAWS) -> TargetComparison:
     """Every pair of ``features``' rows (features by seed) compared by paired ΔFID, Holm over the pairs.
 
     ``means`` orders the rows (lowest FID first); rows without features or a reference stay in ``rows``
@@ -129,7 +136,7 @@ def compare_rows(target: float, features: dict[Hashable, dict[int, np.ndarray]],
     cache = cache or DrawCache()
     for a, b in combinations(rows, 2):
         if features.get(a) and features.get(b):
-            delta = paired_fid_delta(features[a], features[b], reference, cache=cache)
+            delta = paired_fid_delta(features[a], features[b], reference, draws, cache)
             if delta is not None:
                 comparison.deltas[(a, b)] = delta
     pairs = list(comparison.deltas)
