@@ -31,11 +31,13 @@ class SpaceAgreement:
     flips: list[tuple[Hashable, Hashable]] = field(default_factory=list)
 
     def describe(self, label: Callable[[Hashable], str] = str) -> str:
+        """``at 0.5: Kendall τ = +0.60 (p = 0.14, 5 rows); significant flips: a < b, ...`` where ``a < b``
+        is the primary space's order, reversed in the other space."""
         if self.rows < 2 or math.isnan(self.tau):
-            return f"{self.target:g}: fewer than two rows with FID in {self.space}"
-        flips = "; ".join(f"{label(a)} < {label(b)} flips to >" for a, b in self.flips) or "no significant flip"
-        return (f"{self.target:g}: Kendall τ = {self.tau:+.2f} (p = {self.p:.2g}, {self.rows} rows) with "
-                f"{self.space}; {flips}")
+            return f"at {self.target:g}: fewer than two rows with FID in both spaces"
+        flips = ", ".join(f"{label(a)} < {label(b)}" for a, b in self.flips) or "none"
+        return (f"at {self.target:g}: Kendall τ = {self.tau:+.2f} (p = {self.p:.2g}, {self.rows} rows); "
+                f"significant flips: {flips}")
 
 
 def agreement(space: str, primary: TargetComparison, other: TargetComparison) -> SpaceAgreement:

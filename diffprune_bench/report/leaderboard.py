@@ -524,8 +524,9 @@ def group_notes(group: Group) -> list[str]:
         notes.append(f"Intervals: {stats.homogeneity.describe()}.")
     for name, by_target in sorted(stats.agreement.items()):
         labels = {i: row_label(group.table.loc[i]) for i in group.table.index}
-        text = " · ".join(a.describe(labels.__getitem__) for _, a in sorted(by_target.items()))
-        notes.append(f"Ranking in {name} vs {group.key['extractor']} at target {text}.")
+        text = "; ".join(a.describe(labels.__getitem__) for _, a in sorted(by_target.items()))
+        notes.append(f"Second feature space {name} against {group.key['extractor']} (a flip a < b: a significantly "
+                     f"better in {group.key['extractor']}, significantly worse in {name}): {text}.")
     return notes
 
 
