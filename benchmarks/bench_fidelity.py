@@ -5,9 +5,9 @@ parameters. This script runs those earlier settings ("before") at one sparsity w
 options and seeds, finds the suite's own records of the current defaults ("after", run by
 ``make leaderboard``), and prints per method FID before and after (mean over seeds) and the paired
 difference after - before with its 95 % interval: the same noise indices in both, bootstrap over samples
-plus the seed spread of Δ pooled over the methods, as the leaderboard pools its rows
-(:mod:`diffprune_bench.report.stats`). Finished "before" runs are found again and
-not re-run (suite ``digits-before``, same results folder).
+plus each method's own seed spread of Δ, pooled over the methods only where a Brown-Forsythe test of
+equal variance does not reject, as the leaderboard does (:mod:`diffprune_bench.report.stats`). Finished
+"before" runs are found again and not re-run (suite ``digits-before``, same results folder).
 
     python benchmarks/bench_fidelity.py                     # sparsity 0.5, the suite's seeds
     python benchmarks/bench_fidelity.py --methods taylor magnitude --seeds 0
@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from diffprune_bench.harness import run
-from diffprune_bench.report.stats import Reference, paired_fid_delta, pooled_seed_variance
+from diffprune_bench.report.stats import Reference, homogeneity, paired_fid_delta
 from diffprune_bench.results import iter_records
 from diffprune_bench.sweep.cells import Cell
 from diffprune_bench.sweep.suite import cell_results, load_suite
@@ -81,13 +81,12 @@ def main() -> None:
                                  {s: features_of(r) for s, r in before.items()}, reference)
         fid = lambda records: sum(r["metrics"]["fid"] for r in records.values()) / len(records)  # noqa: E731
         rows.append((method, fid(before), fid(after), delta, BEFORE[method][1], sorted(after)))
-    # as the leaderboard does: the seed spread of Δ pooled over the rows (outlying spreads kept apart)
-    pool = pooled_seed_variance([delta for _, _, _, delta, _, _ in rows])
-    rows = [(m, b, a, pool.apply(d, i), c, u) for i, (m, b, a, d, c, u) in enumerate(rows)]
+    # as the leaderboard does: each row's own seed spread, pooled only where a test supports it
+    test = homogeneity([delta for _, _, _, delta, _, _ in rows])
+    rows = [(m, b, a, test.apply(d), c, u) for m, b, a, d, c, u in rows]
     print(f"\n{dataset}, sparsity {args.sparsity:g}, {after_suite.options.get('num_samples')} samples; "
           f"Δ = after - before, paired by noise index; 95 % interval from the paired bootstrap over samples "
-          f"and the seed spread of Δ pooled over these rows (df {pool.df}, outside the pool: "
-          f"{sorted(rows[i][0] for i in pool.outliers) or 'none'})")
+          f"and the seed spread of Δ; {test.describe()}")
     print("| method | what changed | FID before | FID after | Δ [95 % CI] | seeds |\n|---|---|---|---|---|---|")
     for method, fid_before, fid_after, delta, change, used in rows:
         print(f"| {method} | {change} | {fid_before:.3f} | {fid_after:.3f} | "

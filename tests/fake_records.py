@@ -116,20 +116,49 @@ def reference_features(count: int = 400) -> np.ndarray:
     return np.random.default_rng(12345).normal(size=(count, FEATURE_DIM))
 
 
-def save_with_features(records_dir: Path, record: dict[str, Any], shift: float, noise: float = 1.0,
-                       count: int = 300) -> Path:
-    """Save ``record`` with per-sample features as the harness writes them: sample i of seed s starts from the
-    same draw for every method (paired noise), moved by ``shift`` (a worse model: larger shift, larger FID)."""
-    path = save(records_dir, record)
-    run_dir = path.parent
-    shared = np.random.default_rng(record["seed"]).normal(size=(count, FEATURE_DIM))
-    own = np.random.default_rng(abs(hash((record["method"], record["seed"]))) % 2**32).normal(size=(count, FEATURE_DIM))
-    np.save(run_dir / "features.npy", (shared + 0.05 * noise * own + shift).astype(np.float32))
-    reference = Path(records_dir) / "reference" / "fake.npz"
+def _paired_features(record: dict[str, Any], shift: float, noise: float, count: int, stream: int = 0) -> np.ndarray:
+    """Features of one run in one space (stream 0: the primary's, drawn as they always were)."""
+    key = (record["method"], record["seed"]) + ((stream,) if stream else ())
+    shared = np.random.default_rng(record["seed"] if not stream else (record["seed"], stream)).normal(
+        size=(count, FEATURE_DIM))
+    own = np.random.default_rng(abs(hash(key)) % 2**32).normal(size=(count, FEATURE_DIM))
+    return (shared + 0.05 * noise * own + shift).astype(np.float32)
+
+
+def _reference_file(records_dir: Path, name: str) -> Path:
+    reference = Path(records_dir) / "reference" / f"{name}.npz"
     if not reference.is_file():
         reference.parent.mkdir(parents=True, exist_ok=True)
         ref = reference_features()
         np.savez(reference, mu=ref.mean(0), sigma=np.cov(ref, rowvar=False), features=ref.astype(np.float32))
-    record = {**record, "paths": {"run_dir": str(run_dir), "samples": str(run_dir / "samples.png"),
-                                  "features": str(run_dir / "features.npy"), "reference_features": str(reference)}}
-    return write_record(run_dir, record)
+    return reference
+
+
+def save_with_features(records_dir: Path, record: dict[str, Any], shift: float, noise: float = 1.0,
+                       count: int = 300, spaces: dict[str, float] | None = None) -> Path:
+    """Save ``record`` with per-sample features as the harness writes them: sample i of seed s starts from the
+    same draw for every method (paired noise), moved by ``shift`` (a worse model: larger shift, larger FID).
+
+    ``spaces`` maps a further extractor's name to the shift in its space: the record then carries what the
+    harness writes for a run scored in several spaces (``metrics["feature_spaces"]`` for every extractor,
+    ``features-<name>.npy``, ``paths["reference_features_by_extractor"]``) and PRDC in the primary space."""
+    path = save(records_dir, record)
+    run_dir = path.parent
+    np.save(run_dir / "features.npy", _paired_features(record, shift, noise, count))
+    reference = str(_reference_file(records_dir, "fake"))
+    paths = {"run_dir": str(run_dir), "samples": str(run_dir / "samples.png"),
+             "features": str(run_dir / "features.npy"), "reference_features": reference}
+    if spaces:
+        primary = record["protocol"]["extractor"]
+        metrics = record["metrics"]
+        feature_spaces = {primary: {"fid": metrics["fid"], "kid": metrics["kid"], "fingerprint": "2a43975d25807927"}}
+        by_extractor = {}
+        for stream, (name, other_shift) in enumerate(sorted(spaces.items()), start=1):
+            np.save(run_dir / f"features-{name}.npy", _paired_features(record, other_shift, noise, count, stream))
+            by_extractor[name] = str(_reference_file(records_dir, f"fake-{name}"))
+            feature_spaces[name] = {"fid": 8 * other_shift**2, "kid": other_shift**2 / 12, "fingerprint": "0f" * 8}
+        record = {**record, "metrics": {**metrics, "feature_spaces": feature_spaces,
+                                        "prdc": {"precision": 0.9 - shift / 2, "recall": 0.8 - shift / 4,
+                                                 "density": 1.0 - shift, "coverage": 0.95 - shift / 3, "k": 5}}}
+        paths["reference_features_by_extractor"] = by_extractor
+    return write_record(run_dir, {**record, "paths": paths})

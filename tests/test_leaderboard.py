@@ -311,3 +311,46 @@ def test_a_scratch_row_is_matched_only_to_a_scratch_control_trained_as_long():
     controls = dict(zip(table["method"], table["control"], strict=True))
     assert controls["sparse-long"] == "my-scratch" and controls["sparse-short"] == "my-short-scratch"
     assert controls["my-short-scratch"] == "my-base" and controls["my-scratch"] == "my-base"
+
+
+def test_pairwise_letters_second_feature_space_and_prdc(tmp_path):
+    """Five seeds; magnitude beats taylor in the primary space and loses to it in the second one: a flip
+    with both differences significant. A row without the new fields shows '-' and is left out of τ."""
+    runs = tmp_path / "spaces"
+    cells = {("dense", 0.0): (0.0, 0.0), ("dense-ft", 0.0): (0.02, 0.02), ("magnitude", 0.5): (0.3, 0.6),
+             ("taylor", 0.5): (0.6, 0.3), ("gradflow", 0.5): (0.45, 0.45), ("random", 0.5): (0.8, None)}
+    for seed in range(5):
+        for (method, sparsity), (shift, other) in cells.items():
+            record = make_record(method, sparsity, seed, 8 * shift**2, family="dense" if method.startswith("dense")
+                                 else None)
+            record["init"] = "scratch" if method == "dense" else "pretrained"
+            save_with_features(runs, record, shift, spaces=None if other is None else {"other-net": other})
+    out = tmp_path / "out"
+    written = lb.write_leaderboard(runs, out)
+    (group,) = written["board"].groups
+    table = group.table.set_index("method")
+    assert table.loc["magnitude", "fid@other-net"] == pytest.approx(8 * 0.6**2)
+    assert pd.isna(table.loc["random", "fid@other-net"]) and pd.isna(table.loc["random", "precision"])
+    assert table.loc["magnitude", "precision"] == pytest.approx(0.75)
+    # primary space: magnitude < gradflow < taylor < random, every pair significant
+    assert table.loc["magnitude", "rank"] == "best"
+    assert [table.loc[m, "letters"] for m in ("magnitude", "gradflow", "taylor", "random")] == ["a", "b", "c", "d"]
+    comparison = group.stats.targets[0.5]
+    assert len(comparison.deltas) == 6 and all(p < 0.05 for p in comparison.adjusted.values())
+    agreement = group.stats.agreement["other-net"][0.5]
+    index = dict(zip(group.table["method"], group.table.index, strict=True))
+    assert agreement.rows == 3  # random carries no second space
+    assert agreement.tau == pytest.approx(-1.0)  # magnitude, gradflow, taylor reversed
+    assert sorted(agreement.flips) == sorted([(index["magnitude"], index["taylor"]),
+                                              (index["magnitude"], index["gradflow"]),
+                                              (index["gradflow"], index["taylor"])])
+    markdown = (out / "leaderboard.md").read_text()
+    assert "Kendall τ = -1.00" in markdown and "magnitude < taylor" in markdown
+    assert "Brown-Forsythe" in markdown and "Holm" in markdown
+    shown = lb.display_table(group).set_index("method")
+    assert shown.loc["magnitude", "letters"] == "a" and shown.loc["random", "FID other-net"] == "-"
+    assert shown.loc["magnitude", "P/R/D/C"] == "0.75/0.73/0.70/0.85" and shown.loc["random", "P/R/D/C"] == "-"
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert {"letters", "fid@other-net", "precision", "recall", "density", "coverage"} <= set(csv.columns)
+    heatmap = out / "plots" / f"pairwise_{group.slug}_s0.5.png"
+    assert heatmap.read_bytes().startswith(b"\x89PNG") and f"](plots/{heatmap.name})" in markdown

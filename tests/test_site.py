@@ -7,6 +7,7 @@ is missing, where either (or selenium) is absent.
 from __future__ import annotations
 
 import re
+from html import unescape
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -19,7 +20,7 @@ from diffprune_bench.report import leaderboard as lb
 from diffprune_bench.report.browser import missing_browser, open_page, page_problems, screenshot
 from diffprune_bench.report.pareto import front_mask
 from diffprune_bench.report.site import pareto_chart, site_table, write_site
-from diffprune_bench.report.stats import STATISTICS_NOTE
+from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.results import load_records
 
 #: (method, family, sparsity) -> feature shift (a larger shift: a worse FID), two seeds each
@@ -94,6 +95,21 @@ def test_header_states_statistics_and_software_versions(built):
         assert f"{package} {metadata.version(package)}" in html
     assert "python 3." in html
     assert "Failed runs" in html and "reinit" in html
+    text = unescape(html)
+    assert PAIRWISE_NOTE in text and "Intervals: too few rows with ≥ 3 seeds" in text  # two seeds per row here
+
+
+def test_each_target_has_a_pairwise_heatmap_and_the_table_its_letters(built):
+    board, index = built
+    html = index.read_text()
+    (group,) = board.groups
+    for target in (0.25, 0.5):  # three on-target rows each: three pairs, one plotly heatmap per target
+        assert len(group.stats.targets[target].deltas) == 3
+        assert f'id="pairwise-{group.slug}-{target:g}"' in html
+    assert '"type":"heatmap"' in html
+    assert "<th scope=\"col\" data-column=\"9\">letters</th>" in html
+    letters = group.table.loc[group.table["sparsity"] > 0, "letters"]
+    assert letters.str.fullmatch("[a-z]+").all()
 
 
 def test_charts_mark_the_front_and_hover_names_method_sparsity_seeds_and_interval(built):

@@ -11,15 +11,15 @@ from scipy import stats as scipy_stats
 
 from diffprune_bench.report.stats import (
     BOOTSTRAP_DRAWS,
+    POOL_TEST_ALPHA,
     KidTerms,
     Reference,
     bootstrap_counts,
     combine,
+    homogeneity,
     mean_interval,
     paired_fid_delta,
     paired_kid_delta,
-    pooled_seed_variance,
-    with_pooled_variance,
 )
 
 
@@ -85,18 +85,44 @@ def test_seed_spread_widens_the_interval_when_it_exceeds_sampling_noise():
     assert single.half_width == pytest.approx(1.959964 * 0.1, rel=1e-5)
 
 
-def test_pooled_seed_variance_is_df_weighted_and_sets_the_t_quantile():
-    a = combine([0.0, 1.0], [0.01, 0.01])  # seed variance 0.5, 1 df
-    b = combine([0.2, 0.4, 0.6], [0.01, 0.01, 0.01])  # seed variance 0.04, 2 df
-    pool = pooled_seed_variance([a, b, None, combine([0.3], [0.01])])
-    pooled, df = pool.var, pool.df
-    assert df == 3 and pooled == pytest.approx((1 * 0.5 + 2 * 0.04) / 3) and not pool.outliers
-    assert pool.apply(a).half_width == pytest.approx(with_pooled_variance(a, pooled, df).half_width)
-    narrowed = with_pooled_variance(a, pooled, df)
-    assert narrowed.half_width == pytest.approx(scipy_stats.t.ppf(0.975, 3) * math.sqrt(pooled / 2))
-    assert narrowed.half_width < a.half_width  # t(3) instead of t(1)
-    floor = with_pooled_variance(combine([0.1, 0.1], [0.09, 0.09]), 0.0001, 40)
-    assert floor.half_width == pytest.approx(scipy_stats.t.ppf(0.975, 40) * math.sqrt(0.09 / 2))  # sampling floor
+def test_p_value_is_the_t_test_the_interval_inverts():
+    delta = combine([0.30, 0.10, 0.25, 0.05, 0.20], [0.001] * 5)
+    se = math.sqrt(np.var(delta.per_seed, ddof=1) / 5)
+    assert delta.df == 4
+    assert delta.p_value == pytest.approx(2 * scipy_stats.t.sf(delta.mean / se, 4), rel=1e-9)
+    # the interval excludes 0 exactly when p < 0.05
+    assert delta.significant == (delta.p_value < 0.05)
+    floored = combine([0.30, 0.10, 0.25, 0.05, 0.20], [0.2] * 5)  # sampling noise above the seed spread
+    assert floored.p_value == pytest.approx(2 * scipy_stats.t.sf(floored.mean / math.sqrt(0.2 / 5), 4), rel=1e-9)
+
+
+def test_rows_with_alike_spreads_share_a_pool_and_unlike_ones_keep_their_own():
+    rng = np.random.default_rng(3)
+    alike = [combine(list(0.3 + rng.normal(0, 0.1, 5)), [1e-4] * 5) for _ in range(6)]
+    weak = homogeneity([*alike, None])  # five seeds: too few to pool on, whatever the test says
+    assert not weak.pooled and weak.apply(alike[0]) is alike[0] and "too weak" in weak.describe()
+    test = homogeneity([*alike, None], pool_min_seeds=5)
+    expected_p = scipy_stats.levene(*(d.per_seed for d in alike), center="median").pvalue
+    assert test.p_fid == pytest.approx(expected_p) and test.p_fid >= POOL_TEST_ALPHA
+    assert test.pooled and test.df == 6 * 4 and test.var == pytest.approx(np.mean([d.seed_var for d in alike]))
+    shown = test.apply(alike[0])
+    assert shown.df == 24 and shown.half_width == pytest.approx(
+        scipy_stats.t.ppf(0.975, 24) * math.sqrt(test.var / 5))
+    assert "not rejected" in test.describe() and "Brown-Forsythe" in test.describe()
+
+    unlike = [combine(list(0.3 + rng.normal(0, sd, 5)), [1e-4] * 5) for sd in (0.01, 0.01, 0.01, 1.0, 1.0, 1.0)]
+    split = homogeneity(unlike, pool_min_seeds=5)
+    assert split.p_fid < POOL_TEST_ALPHA and not split.pooled
+    assert split.apply(unlike[0]) is unlike[0] and unlike[0].df == 4  # its own variance, t with S - 1
+    assert "rejected at 0.25" in split.describe()
+    assert not homogeneity(unlike[:2]).pooled  # two rows: too few to test, never pooled
+
+
+def test_log_scale_test_reads_the_per_seed_log_ratio(data):
+    ref, rows, controls = data
+    delta = paired_fid_delta(rows, controls, ref)
+    expected = [math.log(_fid(rows[s], ref)) - math.log(_fid(controls[s], ref)) for s in (0, 1, 2)]
+    assert delta.log_ratio == pytest.approx(expected, rel=1e-9)
 
 
 def test_kid_terms_equal_the_unbiased_mmd_and_track_clean_fid(data):
@@ -124,24 +150,3 @@ def test_mean_interval_is_a_t_interval():
     mean, low, high = mean_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
     assert math.isnan(mean_interval([1.0])[1])
-
-
-def test_a_row_whose_seed_spread_dwarfs_the_others_stays_out_of_the_pool():
-    """FID's spread grows with FID: one unstable row (seed variance 100x) must not widen every interval."""
-    rng = np.random.default_rng(0)
-    alike = [combine(list(0.3 + rng.normal(0, 0.1, 2)), [0.001, 0.001]) for _ in range(10)]
-    unstable = combine([1.0, 4.0], [0.001, 0.001])  # seed variance 4.5
-    deltas = [*alike, None, unstable]
-    pool = pooled_seed_variance(deltas)
-    assert pool.outliers == {11} and pool.df == 10
-    assert pool.var == pytest.approx(np.mean([d.seed_var for d in alike]))  # the pool of the alike rows alone
-    assert pool.apply(unstable, 11) is unstable  # its own variance and df (t with 1 df)
-    assert pool.apply(alike[0], 0).half_width < 0.5
-    everything = sum(d.seed_var for d in [*alike, unstable]) / 11
-    assert with_pooled_variance(alike[0], everything, 11).half_width > 2 * pool.apply(alike[0], 0).half_width
-    # rows that merely differ by chance stay in: ten 2-seed rows of one spread are split off rarely (at
-    # about the test's family-wise level, 1 %; a 1-df variance is a scaled chi-square, heavy-tailed)
-    false_alarms = sum(
-        bool(pooled_seed_variance([combine(list(rng.normal(0, 0.1, 2)), [1e-6, 1e-6]) for _ in range(10)]).outliers)
-        for _ in range(400))
-    assert false_alarms / 400 < 0.03

@@ -13,27 +13,32 @@ Which row is each row's fair control (DESIGN.md section 5, protocol v2):
   moves the base), and ``dense`` with nothing.
 
 The ranking at a target saving only considers rows on target (realised saving within the tolerance):
-the best row is bold only when its paired advantage over the runner-up is significant; otherwise the
-rows statistically tied with it are marked as the tied group.
+every pair of them is compared (:mod:`diffprune_bench.report.pairwise`); the best row is bold only when it
+is significantly better than every other one, otherwise the rows not significantly worse than the lowest
+FID are marked as the tied group. The same comparisons in each further feature space a record scored
+give the Kendall τ between the spaces' orders and the pairs whose significant order flips.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from diffprune_bench.report.agreement import SpaceAgreement, agreement
+from diffprune_bench.report.pairwise import TargetComparison, compare_rows
 from diffprune_bench.report.stats import (
+    DrawCache,
+    Homogeneity,
     PairedDelta,
     Reference,
-    SeedPool,
+    homogeneity,
     paired_fid_delta,
     paired_kid_delta,
-    pooled_seed_variance,
 )
 
 #: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
@@ -98,6 +103,7 @@ class FeatureStore:
     def __init__(self) -> None:
         self._features: dict[str, np.ndarray | None] = {}
         self._references: dict[str, Reference | None] = {}
+        self.draws = DrawCache()  # each row's bootstrap FIDs, shared by every comparison it is in
 
     def features(self, path: Any) -> np.ndarray | None:
         key = str(path or "")
@@ -112,10 +118,20 @@ class FeatureStore:
         return self._references[key]
 
 
-def _by_seed(runs: pd.DataFrame, store: FeatureStore) -> dict[int, np.ndarray]:
+#: a run column holding the path of another feature space's per-sample features / reference statistics
+SPACE_FEATURES, SPACE_REFERENCE, SPACE_FID = "features@", "reference@", "fid@"
+
+
+def secondary_spaces(frame: pd.DataFrame) -> list[str]:
+    """Names of the further feature spaces whose per-sample features some run of ``frame`` carries."""
+    return sorted(c[len(SPACE_FEATURES):] for c in frame.columns if c.startswith(SPACE_FEATURES))
+
+
+def _by_seed(runs: pd.DataFrame, store: FeatureStore, column: str = "features") -> dict[int, np.ndarray]:
     found = {}
     for _, run in runs.iterrows():
-        features = store.features(run.get("features"))
+        value = run.get(column)
+        features = store.features(value if isinstance(value, str) else None)
         if features is not None:
             found[int(run["seed"])] = features
     return found
@@ -125,16 +141,31 @@ def row_key(row: pd.Series) -> tuple:
     return (row["method"], row["variant"], row["sparsity"], row["trained_sparsity"], row.get("then", ""))
 
 
+@dataclass
+class TableStatistics:
+    """What a table's statistics found beyond its columns: the variance test, the pairwise comparisons
+    at each target (primary feature space), and per further space the comparisons and their agreement."""
+
+    homogeneity: Homogeneity | None = None
+    targets: dict[float, TargetComparison] = field(default_factory=dict)
+    spaces: dict[str, dict[float, TargetComparison]] = field(default_factory=dict)
+    agreement: dict[str, dict[float, SpaceAgreement]] = field(default_factory=dict)
+
+
+def _reference(runs: pd.DataFrame, column: str, store: FeatureStore) -> Reference | None:
+    paths = runs[column] if column in runs.columns else pd.Series(dtype=str)
+    return next((store.reference(p) for p in paths if isinstance(p, str) and store.reference(p) is not None), None)
+
+
 def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | None,
-                    store: FeatureStore | None = None) -> pd.DataFrame:
+                    store: FeatureStore | None = None) -> tuple[pd.DataFrame, TableStatistics]:
     """``table`` (one row per method/variant/sparsity) with its control, ΔFID/ΔKID intervals, the on-target
-    flag and the significance-aware rank at each target saving."""
+    flag and the significance-aware rank and letters at each target saving; with the table's statistics."""
     store = store or FeatureStore()
     table = table.copy()
     keys = ["method", "variant", "sparsity", "trained_sparsity"] + (["then"] if "then" in runs.columns else [])
     run_groups = {tuple(k): part for k, part in runs.groupby(keys, dropna=False, sort=False)}
-    reference = next((store.reference(p) for p in runs.get("reference_features", pd.Series(dtype=str))
-                      if store.reference(p) is not None), None)
+    reference = _reference(runs, "reference_features", store)
     controls = Controls.of(table)
 
     def runs_of(row: pd.Series) -> pd.DataFrame:
@@ -144,39 +175,59 @@ def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | N
         return runs[runs["method"] == name]
 
     columns: dict[str, list[Any]] = {c: [] for c in ("control", "dfid", "dfid_low", "dfid_high", "dkid",
-                                                     "dkid_low", "dkid_high", "on_target")}
+                                                     "dkid_low", "dkid_high", "on_target", "dfid_df")}
     found: list[tuple[str | None, PairedDelta | None, PairedDelta | None]] = []
     for _, row in table.iterrows():
         control = control_for(row, controls, base_steps)
         fid_delta = kid_delta = None
         if control and reference is not None:
             mine, theirs = _by_seed(runs_of(row), store), _by_seed(control_runs(control), store)
-            fid_delta = paired_fid_delta(mine, theirs, reference)
+            fid_delta = paired_fid_delta(mine, theirs, reference, cache=store.draws)
             kid_delta = paired_kid_delta(mine, theirs, reference)
         found.append((control, fid_delta, kid_delta))
-    # pooled over rows on target only: an off-target row (a sampler that cannot reach the saving) can be
-    # an order of magnitude worse and noisier, and would widen every interval of the table; among those,
-    # rows whose seed spread the pool does not cover keep their own (SeedPool)
+    # tested over rows on target only: an off-target row (a sampler that cannot reach the saving) can be
+    # an order of magnitude worse and noisier; a pool is used only where the test does not reject
     on = [_on_target(row) for _, row in table.iterrows()]
-    fid_pool = pooled_seed_variance([f if ok else None for (_, f, _), ok in zip(found, on, strict=True)])
-    kid_pool = pooled_seed_variance([k if ok else None for (_, _, k), ok in zip(found, on, strict=True)])
-    columns["seed_outlier"] = []
+    fid_test = homogeneity([f if ok else None for (_, f, _), ok in zip(found, on, strict=True)])
+    kid_test = homogeneity([k if ok else None for (_, _, k), ok in zip(found, on, strict=True)])
     for position, (control, fid_delta, kid_delta) in enumerate(found):
-        fid_delta = fid_delta and fid_pool.apply(fid_delta, position)
-        kid_delta = kid_delta and kid_pool.apply(kid_delta, position)
-        columns["seed_outlier"].append(position in fid_pool.outliers)
+        # one decision for the table: an off-target row never joins a pool it was not tested in
+        fid_delta = fid_test.apply(fid_delta) if on[position] else fid_delta
+        kid_delta = kid_test.apply(kid_delta) if on[position] else kid_delta
         columns["control"].append(control or "")
         for prefix, delta in (("dfid", fid_delta), ("dkid", kid_delta)):
             columns[prefix].append(delta.mean if delta else float("nan"))
             columns[f"{prefix}_low"].append(delta.low if delta else float("nan"))
             columns[f"{prefix}_high"].append(delta.high if delta else float("nan"))
+        columns["dfid_df"].append(fid_delta.df if fid_delta else float("nan"))
         columns["on_target"].append(on[position])
     for name, values in columns.items():
         table[name] = values
+    statistics = TableStatistics(homogeneity=fid_test)
     table["rank"] = ""
-    for _, part in table[(table["sparsity"] > 0) & ~table["method"].isin(controls.names())].groupby("sparsity"):
-        _rank(table, part, runs_of, reference, store, fid_pool)
-    return table
+    table["letters"] = ""
+    spaces = secondary_spaces(runs)
+    space_references = {name: _reference(runs, SPACE_REFERENCE + name, store) for name in spaces}
+    ranked = table[(table["sparsity"] > 0) & ~table["method"].isin(controls.names()) & table["on_target"]]
+    for target, part in ranked.groupby("sparsity"):
+        part = part[part["fid_mean"].notna()]
+        if len(part) < 2:
+            continue
+        features = {i: _by_seed(runs_of(row), store) for i, row in part.iterrows()}
+        comparison = compare_rows(float(target), features, part["fid_mean"].astype(float).to_dict(), {},
+                                  reference, store.draws)
+        statistics.targets[float(target)] = comparison
+        _mark(table, comparison)
+        for name in spaces:
+            column = SPACE_FID + name
+            means = part[column].dropna().astype(float).to_dict() if column in part else {}
+            if len(means) < 2:
+                continue
+            other = compare_rows(float(target), {i: _by_seed(runs_of(part.loc[i]), store, SPACE_FEATURES + name)
+                                                 for i in means}, means, {}, space_references[name], store.draws)
+            statistics.spaces.setdefault(name, {})[float(target)] = other
+            statistics.agreement.setdefault(name, {})[float(target)] = agreement(name, comparison, other)
+    return table, statistics
 
 
 def _on_target(row: pd.Series) -> bool:
@@ -186,27 +237,13 @@ def _on_target(row: pd.Series) -> bool:
                 and abs(saved - row["sparsity"]) > TARGET_TOLERANCE)
 
 
-def _rank(table: pd.DataFrame, part: pd.DataFrame, runs_of, reference: Reference | None,
-          store: FeatureStore, pool: SeedPool) -> None:
-    """Bold the best on-target row if it beats the runner-up significantly; else mark the tied group."""
-    candidates = part[part["on_target"] & part["fid_mean"].notna()].sort_values("fid_mean")
-    if len(candidates) < 2:
-        return
-    best_index = candidates.index[0]
-    best_features = _by_seed(runs_of(table.loc[best_index]), store)
-    tied = [best_index]
-    decisive: PairedDelta | None = None
-    for index in candidates.index[1:]:
-        delta = (paired_fid_delta(best_features, _by_seed(runs_of(table.loc[index]), store), reference)
-                 if reference is not None else None)
-        # a pair with a row whose spread the pool does not cover keeps the pair's own seed variance
-        own = bool(table.at[best_index, "seed_outlier"] or table.at[index, "seed_outlier"])
-        delta = delta and (delta if own else pool.apply(delta))
-        if index == candidates.index[1]:
-            decisive = delta
-        if delta is None or not delta.high < 0:
-            tied.append(index)
-    if decisive is not None and decisive.high < 0:
-        table.loc[best_index, "rank"] = "best"
+def _mark(table: pd.DataFrame, comparison: TargetComparison) -> None:
+    """Bold the row significantly better than every other; else mark the group tied with the lowest FID;
+    and write every compared row's letters."""
+    best = comparison.best
+    if best is not None:
+        table.loc[best, "rank"] = "best"
     else:
-        table.loc[tied, "rank"] = "tied"
+        table.loc[comparison.tied(), "rank"] = "tied"
+    for index, text in comparison.letters().items():
+        table.loc[index, "letters"] = text

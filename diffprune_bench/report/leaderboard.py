@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.report.compare import TARGET_TOLERANCE, FeatureStore, add_comparisons
-from diffprune_bench.report.stats import STATISTICS_NOTE
+from diffprune_bench.report.compare import (
+    SPACE_FEATURES,
+    SPACE_FID,
+    SPACE_REFERENCE,
+    TARGET_TOLERANCE,
+    FeatureStore,
+    TableStatistics,
+    add_comparisons,
+)
+from diffprune_bench.report.pairwise import TargetComparison
+from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
 
+#: precision / recall / density / coverage (Naeem et al. 2020) in the primary feature space, as recorded
+PRDC_COLUMNS = ["precision", "recall", "density", "coverage"]
 #: The columns that define a table: rows that differ in any of them are never compared.
 GROUP_COLUMNS = [
     "dataset",
@@ -55,6 +66,7 @@ METRIC_COLUMNS = [
     "train_wall_s",
     "speedup_low",
     "speedup_high",
+    *PRDC_COLUMNS,
 ]
 MEAN_STD_COLUMNS = ("fid", "kid")
 FAILED_COLUMNS = ["run_id", "suite", "dataset", "method", "sparsity", "seed", "error"]
@@ -114,6 +126,25 @@ def _near_record(record: dict[str, Any], key: str, name: str) -> str:
     return str(paths.get(key) or "")
 
 
+def _spaces(record: dict[str, Any]) -> dict[str, Any]:
+    """FID, per-sample features and reference statistics in every further feature space the run scored
+    (``metrics["feature_spaces"]`` besides the protocol's extractor), and its PRDC in the primary space."""
+    metrics = record.get("metrics") or {}
+    primary = (record.get("protocol") or {}).get("extractor")
+    paths = record.get("paths") or {}
+    references = paths.get("reference_features_by_extractor") or {}
+    found: dict[str, Any] = {}
+    for name, values in sorted((metrics.get("feature_spaces") or {}).items()):
+        if name == primary or not isinstance(values, dict):
+            continue
+        found[SPACE_FID + name] = float(values["fid"]) if values.get("fid") is not None else None
+        found[SPACE_FEATURES + name] = _near_record(record, "", f"features-{name}.npy")
+        found[SPACE_REFERENCE + name] = _moved_reference(references.get(name) or "", paths.get("record"))
+    prdc = metrics.get("prdc") or {}
+    found.update({name: prdc.get(name) for name in PRDC_COLUMNS})
+    return found
+
+
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     """One flat row per ok record: its group, its row key, seed and metrics."""
     config = record.get("config") or {}
@@ -160,13 +191,18 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "speedup_low": (metrics.get("speedup_ci") or [None, None])[0],
         "speedup_high": (metrics.get("speedup_ci") or [None, None])[1],
         "reference_images": ((protocol.get("reference") or {}).get("images")),
+        **_spaces(record),
     }
 
 
 def _reference_path(record: dict[str, Any]) -> str:
     """The reference statistics file, looked up beside the results folder first (it may have moved)."""
-    recorded = (record.get("paths") or {}).get("reference_features") or ""
-    record_file = (record.get("paths") or {}).get("record")
+    paths = record.get("paths") or {}
+    return _moved_reference(paths.get("reference_features") or "", paths.get("record"))
+
+
+def _moved_reference(recorded: str, record_file: str | None) -> str:
+    """``recorded`` (a reference statistics file) in the results folder's reference/ when it is there."""
     if recorded and record_file:
         candidate = Path(record_file).parent.parent / "reference" / Path(recorded).name
         if candidate.is_file():
@@ -210,10 +246,13 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "reference_images",
         *METRIC_COLUMNS,
     ]
-    frame = pd.DataFrame(rows, columns=columns)
+    spaces = sorted({key for row in rows for key in row if key.startswith((SPACE_FID, SPACE_FEATURES,
+                                                                               SPACE_REFERENCE))})
+    frame = pd.DataFrame(rows, columns=columns + spaces)
     if frame.empty:
         return frame
-    for name in [*METRIC_COLUMNS, "fid_floor", "train_steps", "reference_images"]:
+    for name in [*METRIC_COLUMNS, "fid_floor", "train_steps", "reference_images",
+                 *(c for c in spaces if c.startswith(SPACE_FID))]:
         frame[name] = pd.to_numeric(frame[name], errors="coerce")
     frame["group"] = frame[GROUP_COLUMNS].astype(str).agg(" | ".join, axis=1)
     frame = frame.sort_values("finished_at")
@@ -262,7 +301,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per (group, method, variant, sparsity, composition); the baseline and the
     reference rows (methods that take no sparsity) first, shown beside every sparsity."""
     keys = ["group", *GROUP_COLUMNS, *ROW_COLUMNS, "then"]
-    present = [c for c in METRIC_COLUMNS if c in runs.columns]
+    present = [c for c in METRIC_COLUMNS if c in runs.columns] + [c for c in runs.columns if c.startswith(SPACE_FID)]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     table = grouped[present].mean(numeric_only=False).reset_index()
     for name in MEAN_STD_COLUMNS:
@@ -295,6 +334,7 @@ class Group:
     table: pd.DataFrame
     runs: pd.DataFrame
     slug: str
+    stats: TableStatistics = field(default_factory=TableStatistics)
 
     def title(self) -> str:
         k = self.key
@@ -328,10 +368,13 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Lea
             key = {name: part[name].iloc[0] for name in GROUP_COLUMNS}
             group_runs = runs[runs["group"] == group_id].reset_index(drop=True)
             base_steps = pd.to_numeric(group_runs["base_steps"], errors="coerce").dropna()
-            compared = add_comparisons(part.reset_index(drop=True), group_runs,
-                                       int(base_steps.iloc[0]) if len(base_steps) else None, store)
+            compared, statistics = add_comparisons(part.reset_index(drop=True), group_runs,
+                                                   int(base_steps.iloc[0]) if len(base_steps) else None, store)
             compared["best_at_sparsity"] = compared["rank"].eq("best")
-            groups.append(Group(key=key, table=compared, runs=group_runs, slug=""))
+            for comparison in [*statistics.targets.values(),
+                               *(c for by_target in statistics.spaces.values() for c in by_target.values())]:
+                comparison.labels = {i: row_label(compared.loc[i]) for i in comparison.rows}
+            groups.append(Group(key=key, table=compared, runs=group_runs, slug="", stats=statistics))
     _assign_slugs(groups)
     return Leaderboard(groups=groups, failed=failed_frame(records), records=len(records))
 
@@ -421,9 +464,18 @@ def _saved(r: pd.Series) -> str:
     return text if r.get("on_target", True) or text == "-" else f"⚠ {text}"
 
 
+def _prdc(r: pd.Series) -> str:
+    """precision / recall / density / coverage in one compact cell ("-" for a record without them)."""
+    values = [r.get(name) for name in PRDC_COLUMNS]
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return "-"
+    return "/".join(f"{v:.2f}" for v in values)
+
+
 def display_table(group: Group) -> pd.DataFrame:
     """The Markdown view of one group: formatted strings, the significant best in bold."""
     table = group.table
+    spaces = [c[len(SPACE_FID):] for c in table.columns if c.startswith(SPACE_FID)]
     traj_scale, traj_unit = _unit(
         float(table.get("macs_trajectory_effective", pd.Series([0.0])).max() or 0.0)
     )
@@ -445,9 +497,11 @@ def display_table(group: Group) -> pd.DataFrame:
                 "nonzero (M)": _num(r.get("params_nonzero", float("nan")) / 1e6, ".3f"),
                 "FID": fid,
                 "rank": r.get("rank") or "",
+                "letters": r.get("letters") or "",
+                **{f"FID {name}": _num(r.get(SPACE_FID + name), ".3f") for name in spaces},
+                "P/R/D/C": _prdc(r),
                 "control": r.get("control") or "",
-                "ΔFID [95% CI]": _interval(r.get("dfid"), r.get("dfid_low"), r.get("dfid_high"), ".3f")
-                + (" †" if r.get("seed_outlier", False) else ""),
+                "ΔFID [95% CI]": _interval(r.get("dfid"), r.get("dfid_low"), r.get("dfid_high"), ".3f"),
                 "ΔKID×1e3 [95% CI]": _interval(*(1e3 * r.get(c, float("nan")) for c in ("dkid", "dkid_low",
                                                                                          "dkid_high")), ".2f"),
                 "SSIM": _num(r.get("ssim_to_dense"), ".3f"),
@@ -459,6 +513,26 @@ def display_table(group: Group) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def group_notes(group: Group) -> list[str]:
+    """The statistics found for one table, one line each: the variance test behind its intervals, and per
+    further feature space the agreement of the orders at each target."""
+    stats = group.stats
+    notes = []
+    if stats.homogeneity is not None:
+        notes.append(f"Intervals: {stats.homogeneity.describe()}.")
+    for name, by_target in sorted(stats.agreement.items()):
+        labels = {i: row_label(group.table.loc[i]) for i in group.table.index}
+        text = "; ".join(a.describe(labels.__getitem__) for _, a in sorted(by_target.items()))
+        notes.append(f"Second feature space {name} against {group.key['extractor']} (a flip a < b: a significantly "
+                     f"better in {group.key['extractor']}, significantly worse in {name}): {text}.")
+    return notes
+
+
+def pairwise_of(group: Group) -> list[TargetComparison]:
+    """The pairwise comparisons of a table (primary space) with at least one compared pair, by target."""
+    return [c for _, c in sorted(group.stats.targets.items()) if c.deltas]
 
 
 def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = None) -> str:
@@ -476,9 +550,14 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
         "training-free rows vs `dense`, scratch rows vs the dense model trained from scratch exactly as long "
         "(or `dense` when the base had the same budget).",
         f"- **Statistics**: {STATISTICS_NOTE}. FID / KID columns: mean ± sample std over seeds.",
-        "- **Ranking** at each target saving, among rows on target: **bold** = best FID whose paired advantage "
-        "over the runner-up is significant (its 95 % interval excludes 0); otherwise the rows whose difference "
-        "from the best is not significant are marked `tied` (rank column).",
+        f"- **Ranking** at each target saving: {PAIRWISE_NOTE}. **Bold** = the row significantly better than "
+        "every other on-target row; otherwise the rows not significantly worse than the lowest FID are marked "
+        "`tied` (rank column). *letters*: a compact letter display (Piepho 2004), rows sharing a letter are not "
+        "significantly different; the pairwise matrix of each target is drawn under its table.",
+        "- **Feature spaces**: *FID <extractor>* = the same samples scored in a further, independently trained "
+        "extractor; *P/R/D/C* = precision / recall / density / coverage (k = 5) in the primary space. Under each "
+        "table: per target, Kendall τ between the two spaces' row orders and every pair whose order flips with "
+        "both differences significant.",
         f"- **Target vs realised**: *saved* = 1 - effective trajectory MACs per sample / dense's, measured the "
         f"same way for every family; a row more than {100 * TARGET_TOLERANCE:.0f} points off its target is "
         "flagged ⚠ and never ranked.",
@@ -505,6 +584,7 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
             f"{_num(floor, '.3f')}.",
             "",
         ]
+        lines += [f"- {note}" for note in group_notes(group)] + [""]
         lines += [display_table(group).to_markdown(index=False, disable_numparse=True), ""]
         for path in (plots or {}).get(group.slug, []):
             if path.endswith(".png"):

@@ -5,6 +5,8 @@
   two views Diff-Pruning and the sparse-training papers report.
 - A grid of samples per method at sparsity 0.5 (from each run's samples.png), so quality differences
   the metrics summarise can be seen.
+- Per target saving, the pairwise matrix (PNG): ΔFID of the row minus the column, coloured, with its
+  Holm-adjusted p; significant cells outlined.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402 - the backend must be chosen first
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from diffprune_bench.report.leaderboard import row_label  # noqa: E402
+from diffprune_bench.report.leaderboard import pairwise_of, row_label  # noqa: E402
+from diffprune_bench.report.pairwise import ALPHA  # noqa: E402
 
 if TYPE_CHECKING:
     from diffprune_bench.report.leaderboard import Group, Leaderboard
+    from diffprune_bench.report.pairwise import TargetComparison
 
 FORMATS = ("png", "svg")
 GRID_SPARSITY = 0.5
@@ -33,10 +38,10 @@ def _as_trained(frame: pd.DataFrame) -> pd.Series:
     return (frame["sparsity"] - frame["trained_sparsity"]).abs() < 1e-4
 
 
-def _save(fig: plt.Figure, folder: Path, stem: str) -> list[Path]:
+def _save(fig: plt.Figure, folder: Path, stem: str, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in FORMATS:
+    for fmt in formats:
         path = folder / f"{stem}.{fmt}"
         fig.savefig(path, dpi=150, bbox_inches="tight")
         paths.append(path)
@@ -117,6 +122,42 @@ def sample_grid(group: Group, sparsity: float = GRID_SPARSITY) -> plt.Figure | N
     return fig
 
 
+def pairwise_matrix(comparison: TargetComparison) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Row labels (best first), ΔFID of row minus column and the Holm-adjusted p (NaN: not compared)."""
+    rows = comparison.rows
+    delta = np.full((len(rows), len(rows)), np.nan)
+    adjusted = np.full_like(delta, np.nan)
+    for i, a in enumerate(rows):
+        for j, b in enumerate(rows):
+            found = comparison.delta(a, b) if i != j else None
+            if found is not None:
+                delta[i, j], adjusted[i, j] = found
+    return [comparison.labels.get(r, str(r)) for r in rows], delta, adjusted
+
+
+def pairwise_heatmap(group: Group, comparison: TargetComparison) -> plt.Figure:
+    """The pairwise matrix of one target: blue where the row is better than the column, red where worse."""
+    labels, delta, adjusted = pairwise_matrix(comparison)
+    size = max(4.0, 0.8 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    bound = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 1.0
+    image = ax.imshow(delta, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if np.isfinite(delta[i, j]):
+                significant = adjusted[i, j] < ALPHA
+                ax.text(j, i, f"{delta[i, j]:+.3f}\np={adjusted[i, j]:.2g}", ha="center", va="center",
+                        fontsize=7, fontweight="bold" if significant else "normal")
+                if significant:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=1.5))
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    fig.colorbar(image, ax=ax, label="ΔFID, row minus column")
+    ax.set_title(f"{group.key['dataset']} at target {comparison.target:g}: paired ΔFID, Holm-adjusted p "
+                 f"(outlined: significant at {ALPHA:g})", fontsize=8)
+    return fig
+
+
 def write_plots(board: Leaderboard, folder: str | Path) -> dict[str, list[Path]]:
     """Every figure of every leaderboard table; returns the written paths by table slug."""
     folder = Path(folder)
@@ -142,5 +183,8 @@ def write_plots(board: Leaderboard, folder: str | Path) -> dict[str, list[Path]]
         grid = sample_grid(group)
         if grid is not None:
             paths += _save(grid, folder, f"samples_s{GRID_SPARSITY:g}_{group.slug}")
+        for comparison in pairwise_of(group):
+            paths += _save(pairwise_heatmap(group, comparison), folder,
+                           f"pairwise_{group.slug}_s{comparison.target:g}", ("png",))
         written[group.slug] = paths
     return written

@@ -27,9 +27,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
-from diffprune_bench.report.leaderboard import Group, Leaderboard, display_table, row_label
+from diffprune_bench.report.leaderboard import Group, Leaderboard, display_table, group_notes, pairwise_of, row_label
+from diffprune_bench.report.pairwise import ALPHA
 from diffprune_bench.report.pareto import front_mask
-from diffprune_bench.report.stats import STATISTICS_NOTE
+from diffprune_bench.report.plots import pairwise_matrix
+from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text
 
 PLOTLY_FILE = "plotly.min.js"
@@ -64,6 +66,8 @@ class Table:
     families: list[str]
     charts: list[str] = field(default_factory=list)
     comparison: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    heatmaps: list[str] = field(default_factory=list)
 
 
 def software_versions() -> dict[str, str]:
@@ -133,8 +137,7 @@ def _hover(row: pd.Series) -> str:
     lines.append(fid)
     if _finite(row.get("dfid")):
         interval = f" [{row['dfid_low']:+.3f}, {row['dfid_high']:+.3f}]" if _finite(row.get("dfid_low")) else ""
-        own = " with its own seed spread (outside the pool)" if row.get("seed_outlier", False) else ""
-        lines.append(f"ΔFID vs {row.get('control') or 'control'} {row['dfid']:+.3f}{interval} (95% CI){own}")
+        lines.append(f"ΔFID vs {row.get('control') or 'control'} {row['dfid']:+.3f}{interval} (95% CI)")
     if _finite(row.get("speedup")):
         interval = (f" [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}]"
                     if _finite(row.get("speedup_low")) else "")
@@ -204,6 +207,31 @@ def _charts(group: Group) -> list[str]:
     ]
 
 
+def _heatmaps(group: Group) -> list[str]:
+    """One plotly heatmap per target: ΔFID of row minus column, the Holm-adjusted p in the hover."""
+    fragments = []
+    for comparison in pairwise_of(group):
+        labels, delta, adjusted = pairwise_matrix(comparison)
+        bound = float(abs(delta[~pd.isna(delta)]).max()) if (~pd.isna(delta)).any() else 1.0
+        text = [[("" if pd.isna(d) else f"{d:+.3f}{' *' if p < ALPHA else ''}") for d, p in zip(dr, pr, strict=True)]
+                for dr, pr in zip(delta, adjusted, strict=True)]
+        hover = [[("not compared" if pd.isna(d) else f"{labels[i]} minus {labels[j]}: ΔFID {d:+.3f}, Holm p = {p:.3g}")
+                  for j, (d, p) in enumerate(zip(dr, pr, strict=True))]
+                 for i, (dr, pr) in enumerate(zip(delta, adjusted, strict=True))]
+        fig = go.Figure(go.Heatmap(
+            z=[[None if pd.isna(v) else float(v) for v in r] for r in delta], x=labels, y=labels,
+            text=text, texttemplate="%{text}", customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+            colorscale="RdBu", reversescale=True, zmin=-bound, zmax=bound, colorbar={"title": "ΔFID"}))
+        fig.update_layout(title={"text": f"Pairwise ΔFID at target {comparison.target:g} (row minus column; "
+                                         f"* = significant after Holm)", "font": {"size": 13}},
+                          yaxis={"autorange": "reversed"}, template="plotly_white",
+                          height=max(360, 60 * len(labels) + 160), margin={"l": 160, "r": 20, "t": 50, "b": 120})
+        fragments.append(fig.to_html(full_html=False, include_plotlyjs=False,
+                                     div_id=f"pairwise-{group.slug}-{comparison.target:g}",
+                                     config={"displaylogo": False, "responsive": True}))
+    return fragments
+
+
 def _compare_sparsity(runs: pd.DataFrame) -> float | None:
     """COMPARE_SPARSITY when some compressed run has it, else the sparsity with most compressed runs."""
     compressed = runs[runs["family"] != "dense"]
@@ -256,7 +284,8 @@ def site_table(group: Group, records: dict[str, dict[str, Any]], site: Path) -> 
             f"data-vs-data FID floor at this N: {floor:.3f}." if _finite(floor) else
             f"Suites: {', '.join(suites) or '(single runs)'}; N = {group.key['num_samples']} samples.")
     table = Table(slug=group.slug, title=group.title(), note=note, columns=[str(c) for c in shown.columns],
-                  rows=rows, families=sorted({r.family for r in rows}), charts=_charts(group))
+                  rows=rows, families=sorted({r.family for r in rows}), charts=_charts(group),
+                  notes=group_notes(group), heatmaps=_heatmaps(group))
     table.comparison = comparison(group, rows)
     return table
 
@@ -274,7 +303,8 @@ def render_page(board: Leaderboard, tables: list[Table]) -> str:
                               autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
     failed = board.failed.fillna("").astype(str).to_dict("records") if not board.failed.empty else []
     return environment.get_template("site.html.j2").render(
-        tables=tables, records=board.records, statistics=STATISTICS_NOTE, versions=software_versions(),
+        tables=tables, records=board.records, statistics=STATISTICS_NOTE, pairwise=PAIRWISE_NOTE,
+        versions=software_versions(),
         failed=failed, failed_columns=list(board.failed.columns), plotly_file=PLOTLY_FILE,
     )
 
