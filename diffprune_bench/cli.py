@@ -76,7 +76,7 @@ def run(
     sample_steps: int = typer.Option(None, help="DDIM sampling steps."),
     timestep_spacing: str = typer.Option(None, help="leading | trailing | linspace | quad"),
     num_samples: int = typer.Option(None, help="Generated samples for FID/KID."),
-    fid_extractor: str = typer.Option(None, help="digits-net | inception-v3"),
+    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | inception-v3"),
     inception_weights: str = typer.Option(None, envvar="DIFFBENCH_INCEPTION_WEIGHTS", help="Inception .pt file."),
     latency_repeats: int = typer.Option(None, help="Timed sampling trajectories (median reported)."),
     latency_batch: int = typer.Option(None, help="Batch size of the latency measurement."),
@@ -263,6 +263,25 @@ def leaderboard(
 
         index = write_site(board, written["records"], Path(out) / "site")
         typer.echo(f"site: {index} ({index.stat().st_size:,} bytes)")
+
+
+@app.command()
+@friendly_errors
+def rescore(
+    results_dir: Path = typer.Argument(..., help="Folder searched (recursively) for records."),
+    suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable)."),
+    cache_dir: str = typer.Option(None, help="Cache of extractors and reference statistics (default: the runs')."),
+    device: str = typer.Option(None, help="auto | cpu | cuda (default: the runs'; features must match theirs)."),
+) -> None:
+    """Add the feature spaces and PRDC that finished records lack, from their kept samples (no model runs).
+
+    Exit code 1 when any record was refused (its recomputed primary features differ from the run's)."""
+    from diffprune_bench.rescore import rescore as run_rescore
+
+    outcome = run_rescore(results_dir, suites=suite or None, cache_dir=cache_dir, device=device)
+    typer.echo(outcome.summary())
+    if outcome.refused:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -53,6 +53,9 @@ class DatasetSpec:
     description: str
     loader: Callable[..., DataBundle]
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: feature extractors every run on the dataset is also scored in (FID, KID and per-sample features
+    #: beside the primary ``fid_extractor``'s), so a ranking can be checked in a second feature space
+    secondary_extractors: tuple[str, ...] = ()
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -187,6 +190,7 @@ register_dataset(
             "fid_extractor": "digits-net",
             "threads": 1,
         },
+        secondary_extractors=("digits-mlp",),
     )
 )
 

@@ -1,13 +1,13 @@
 """The Evaluator: measures a Deployable under the run's protocol (DESIGN.md section 5).
 
-Samples from fixed evaluation noise, FID/KID in the run's feature space, MACs, params, SSIM to the dense
+Samples from fixed evaluation noise, FID/KID in the run's feature space and in the dataset's secondary
+spaces, PRDC (:mod:`diffprune_bench.metrics.spaces`), MACs, params, SSIM to the dense
 base, and serial latency once per distinct graph. Built once per run and reused for every variant, so the
 reference statistics, the floor and the dense samples are computed once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from pathlib import Path
@@ -29,13 +29,13 @@ from diffprune_bench.metrics.fid import (
     build_extractor,
     extract_features,
     fid_from_features,
-    kid_from_features,
     quantize_uint8,
     reference_stats,
 )
 from diffprune_bench.metrics.graph_latency import LatencyStore, measurement_key, trajectory_signature
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
+from diffprune_bench.metrics.spaces import FeatureSpace, build_space, save_reference_features, score_spaces, space_names
 from diffprune_bench.models import count_params, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable
@@ -65,6 +65,9 @@ class Evaluator:
             {"dataset": data.name, "split": "reference", "resolution": data.resolution, "source": data.source},
             precomputed=data.cleanfid_stats,
         )
+        self.primary = FeatureSpace(self.extractor, self.reference)
+        self.secondary = [build_space(name, data, cfg.cache_dir, cfg.num_workers, weights=cfg.inception_weights,
+                                      device=device) for name in space_names(cfg.fid_extractor, data.name)[1:]]
         floor_images = image_batches(data.train, limit=cfg.num_samples, num_workers=cfg.num_workers)
         self.floor = fid_from_features(extract_features(self.extractor, floor_images), self.reference)
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
@@ -94,17 +97,12 @@ class Evaluator:
         """The reference statistics FID used (mean, covariance) and the reference features KID used, once per
         results folder: the leaderboard's paired statistics recompute FID/KID from them. Named by extractor
         fingerprint and content."""
-        mu, sigma = np.asarray(self.reference.mu), np.asarray(self.reference.sigma)
-        features = np.asarray(self.reference.features, dtype=np.float32)
-        digest = hashlib.sha256(features.tobytes() + mu.tobytes() + sigma.tobytes()).hexdigest()[:12]
-        path = results_dir / "reference" / f"{self.extractor.fingerprint()[:8]}-{digest}.npz"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as handle:
-                np.savez(handle, mu=mu, sigma=sigma, features=features)
-            os.replace(tmp, path)
-        return str(path)
+        return save_reference_features(self.extractor, self.reference, results_dir)
+
+    def reference_paths(self, results_dir: Path) -> dict[str, str]:
+        """:meth:`save_reference_features` of every feature space the run scores in, by extractor name."""
+        return {space.name: save_reference_features(space.extractor, space.reference, results_dir)
+                for space in (self.primary, *self.secondary)}
 
     def sample(self, deployable: Deployable, noise: torch.Tensor, show: bool = False) -> torch.Tensor:
         progress = (lambda it: progress_bar(it, desc="sampling", unit="batch", leave=False)) if show else None
@@ -204,9 +202,11 @@ class Evaluator:
         save_samples_uint8(run_dir / SAMPLES_NAME, samples)
         own = samples[:CONSISTENCY_SAMPLES]
         ssim = 1.0 if is_baseline else mean_ssim(own, self.dense_samples())
+        primary = self.primary.score(features, self.cfg.seed)
         return {
-            "fid": fid_from_features(features, self.reference),
-            "kid": kid_from_features(features, self.reference, seed=self.cfg.seed),
+            "fid": primary["fid"],
+            "kid": primary["kid"],
+            **score_spaces(self.primary, features, primary, self.secondary, samples, run_dir, self.cfg.seed),
             "macs_dense": report.total,
             "macs_effective": report.effective,
             "macs_trajectory": traj_dense,

@@ -231,6 +231,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         deployables = [compose_then(cfg, deployable, ctx) for deployable in deployables]
 
     records = []
+    reference = evaluator.reference_paths(Path(cfg.results_dir))  # every feature space's, by extractor
     for index, deployable in enumerate(deployables):
         target_dir = run_dir if index == 0 else _variant_dir(run_dir, deployable.label or str(index))
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +251,8 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
             eval_wall_s=round(time.perf_counter() - started, 3),
             paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
                    "features": str(target_dir / FEATURES_NAME), "samples_uint8": str(target_dir / SAMPLES_NAME),
-                   "reference_features": evaluator.save_reference_features(Path(cfg.results_dir)),
+                   "reference_features": reference[evaluator.extractor.name],
+                   "reference_features_by_extractor": reference,
                    **_save_model(deployable.exportable(), target_dir / "model", cfg)},
         )
         if index > 0:

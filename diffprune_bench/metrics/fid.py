@@ -9,6 +9,8 @@ and ``kernel_distance``. Extractors:
   by ``--inception-weights`` / ``DIFFBENCH_INCEPTION_WEIGHTS``, or downloaded when online).
 * ``digits-net``: for the embedded 8x8 digits, where Inception features are meaningless: a small CNN
   classifier trained deterministically by the harness; features are its penultimate layer.
+* ``digits-mlp``: the second digits space, an independently trained MLP on the 64 pixels
+  (:mod:`diffprune_bench.metrics.digits_mlp`), so a ranking can be checked in two feature spaces.
 
 Reference statistics are computed once over the reference split and cached; for FID with Inception,
 clean-fid's published mean and covariance replace ours where they exist for that split (CIFAR-10 train,
@@ -35,6 +37,7 @@ from cleanfid.fid import frechet_distance, kernel_distance
 from torch import nn
 
 from diffprune_bench.errors import BenchError
+from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
 from diffprune_bench.models import weights_hash
 from diffprune_bench.registry import Registry
 
@@ -130,7 +133,7 @@ def _train_digits_net(images: torch.Tensor, labels: torch.Tensor, epochs: int) -
     return net.eval()
 
 
-def digits_accuracy(net: DigitsNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+def digits_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         return float((net(quantize_uint8(images) / 127.5 - 1).argmax(1) == labels).float().mean())
 
@@ -151,27 +154,33 @@ def load_digits_net(path: Path = DIGITS_NET_WEIGHTS) -> DigitsNet:
     return net.eval()
 
 
-class DigitsNetExtractor(FeatureExtractor):
-    """Features of the shipped digits-net; ``cache_dir`` is accepted for the common extractor signature."""
+class ShippedDigitsExtractor(FeatureExtractor):
+    """Features of a digits classifier shipped with the package, refused unless its weights carry the
+    protocol's fingerprint; ``cache_dir`` is accepted for the common extractor signature."""
 
-    name = "digits-net"
+    weights: Path
+    protocol_fingerprint: str
+    features_doc = "penultimate (tanh)"
 
     def __init__(self, cache_dir: str | Path | None = None) -> None:
         from diffprune_bench.data import load_digits
 
-        self.net = load_digits_net()
+        self.net = self.load()
         self._fingerprint = weights_hash(self.net)
-        if self._fingerprint != DIGITS_NET_FINGERPRINT:
-            raise BenchError(f"{DIGITS_NET_WEIGHTS} has fingerprint {self._fingerprint}, "
-                             f"not the protocol's {DIGITS_NET_FINGERPRINT}: reinstall the package")
+        if self._fingerprint != self.protocol_fingerprint:
+            raise BenchError(f"{self.weights} has fingerprint {self._fingerprint}, "
+                             f"not the protocol's {self.protocol_fingerprint}: reinstall the package")
         ref_images, ref_labels = load_digits().reference.tensors
         self.reference_accuracy = digits_accuracy(self.net, ref_images, ref_labels)
+
+    def load(self) -> nn.Module:
+        raise NotImplementedError
 
     def fingerprint(self) -> str:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "input": "8x8 uint8-quantised, no resize", "features": "penultimate (tanh)",
+        return {**super().describe(), "input": "8x8 uint8-quantised, no resize", "features": self.features_doc,
                 "reference_accuracy": self.reference_accuracy}
 
     @torch.no_grad()
@@ -182,6 +191,29 @@ class DigitsNetExtractor(FeatureExtractor):
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(chunks).astype(np.float64)
+
+
+class DigitsNetExtractor(ShippedDigitsExtractor):
+    """The digits FID protocol's primary space: the shipped digits-net CNN."""
+
+    name = "digits-net"
+    weights = DIGITS_NET_WEIGHTS
+    protocol_fingerprint = DIGITS_NET_FINGERPRINT
+
+    def load(self) -> nn.Module:
+        return load_digits_net()
+
+
+class DigitsMLPExtractor(ShippedDigitsExtractor):
+    """The digits second feature space: the shipped digits-mlp (see :mod:`diffprune_bench.metrics.digits_mlp`)."""
+
+    name = "digits-mlp"
+    weights = DIGITS_MLP_WEIGHTS
+    protocol_fingerprint = DIGITS_MLP_FINGERPRINT
+    features_doc = "penultimate of a 64-128-64 MLP (tanh)"
+
+    def load(self) -> nn.Module:
+        return load_digits_mlp()
 
 
 # ---------------------------------------------------------------- inception-v3
@@ -284,6 +316,7 @@ class InceptionExtractor(FeatureExtractor):
 EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("FID extractor")
 EXTRACTORS.update({
     "digits-net": lambda cache_dir, **_: DigitsNetExtractor(cache_dir),
+    "digits-mlp": lambda cache_dir, **_: DigitsMLPExtractor(cache_dir),
     "inception-v3": lambda cache_dir, weights=None, device=None, **_: InceptionExtractor(cache_dir, weights, device),
 })
 
