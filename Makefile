@@ -17,13 +17,13 @@ demo: $(STAMP)
 	$(BIN)/diffbench run --method dense --dataset digits
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -m slow --durations=10
 
 test-all: $(STAMP)
-	$(BIN)/pytest -q -m ""
+	$(BIN)/pytest -q -m "" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffprune_bench tests benchmarks

@@ -47,49 +47,90 @@ def _cli_values(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def run_default(name: str) -> str:
+    """What ``--help`` shows as a run option's default: RunConfig's value, or where the dataset sets it,
+    "dataset default" and the digits value (read from the one place runs read it, without importing torch)."""
+    from diffprune_bench.config import RunConfig
+    from diffprune_bench.protocol_defaults import DIGITS_DEFAULTS
+
+    value = getattr(RunConfig(), name)
+    if value is None and name in DIGITS_DEFAULTS:
+        return f"dataset default; digits: {DIGITS_DEFAULTS[name]}"
+    if isinstance(value, bool):
+        return f"--no-{name.replace('_', '-')}" if not value else f"--{name.replace('_', '-')}"
+    return str(value)
+
+
 @app.command()
 @friendly_errors
 def run(
-    method: str = typer.Option(None, "--method", "-m", help="Method name (see `diffbench methods`)."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset name (see `diffbench datasets`)."),
-    sparsity: float = typer.Option(None, help="Target sparsity in [0, 1): MACs removed (structured) or weights."),
-    seed: int = typer.Option(None, help="Seed of the base, training and evaluation noise."),
-    config: Path = typer.Option(None, "--config", "-c", help="YAML file with any of these options."),
-    preset: str = typer.Option(None, help="UNet preset (default: the dataset's)."),
-    base: str = typer.Option(None, help="Pretrained base: save_pretrained folder or hub id."),
-    device: str = typer.Option(None, help="auto | cpu | cuda"),
-    data_root: str = typer.Option(None, envvar="DIFFBENCH_DATA", help="Folder holding real datasets."),
-    download: bool = typer.Option(None, "--download/--no-download", help="Download missing data when online."),
-    resolution: int = typer.Option(None, help="Image size for celeba / imagefolder (default: the dataset's)."),
-    num_workers: int = typer.Option(None, help="Data loader processes (default: automatic)."),
-    threads: int = typer.Option(None, help="CPU threads of the run (default: the dataset's; digits: 1, as in a "
-                                "sweep, so a hand-run cell reproduces its sweep cell bit-for-bit)."),
-    base_steps: int = typer.Option(None, help="Training steps of the dense base."),
-    finetune_steps: int = typer.Option(None, help="Fine-tuning steps of pretrained methods."),
-    scratch_steps: int = typer.Option(None, help="Training steps of scratch methods (default: base steps)."),
-    batch_size: int = typer.Option(None, help="Training batch size."),
-    lr: float = typer.Option(None, help="AdamW learning rate."),
-    ema_decay: float = typer.Option(None, help="EMA decay (0 disables)."),
-    precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast)."),
-    channels_last: bool = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile training and sampling."),
-    sample_steps: int = typer.Option(None, help="DDIM sampling steps."),
-    timestep_spacing: str = typer.Option(None, help="leading | trailing | linspace | quad"),
-    num_samples: int = typer.Option(None, help="Generated samples for FID/KID."),
-    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | inception-v3"),
-    inception_weights: str = typer.Option(None, envvar="DIFFBENCH_INCEPTION_WEIGHTS", help="Inception .pt file."),
-    latency_repeats: int = typer.Option(None, help="Timed sampling trajectories (median reported)."),
-    latency_batch: int = typer.Option(None, help="Batch size of the latency measurement."),
-    results_dir: str = typer.Option(None, help="Where run folders are written."),
-    cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
-    run_id: str = typer.Option(None, help="Run id (default: time, dataset, method, sparsity, seed)."),
-    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from the run's checkpoint."),
+    method: str = typer.Option(None, "--method", "-m", help="Method name (see `diffbench methods`).",
+                               show_default=run_default("method")),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset name (see `diffbench datasets`).",
+                                show_default=run_default("dataset")),
+    sparsity: float = typer.Option(None, help="Target sparsity in [0, 1): MACs removed (structured) or weights.",
+                                   show_default=run_default("sparsity")),
+    seed: int = typer.Option(None, help="Seed of the base, training and evaluation noise.",
+                             show_default=run_default("seed")),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML file with any of these options.",
+                                show_default="none"),
+    preset: str = typer.Option(None, help="UNet preset.", show_default=run_default("preset")),
+    base: str = typer.Option(None, help="Pretrained base: save_pretrained folder or hub id.",
+                             show_default="none: train the dense base once and cache it"),
+    device: str = typer.Option(None, help="auto | cpu | cuda", show_default=run_default("device")),
+    data_root: str = typer.Option(None, envvar="DIFFBENCH_DATA", help="Folder holding real datasets.",
+                                  show_default="./data"),
+    download: bool = typer.Option(None, "--download/--no-download", help="Download missing data when online.",
+                                  show_default=run_default("download")),
+    resolution: int = typer.Option(None, help="Image size for celeba / imagefolder.",
+                                   show_default="dataset default; digits: 8, fixed"),
+    num_workers: int = typer.Option(None, help="Data loader processes.", show_default="automatic"),
+    threads: int = typer.Option(None, help="CPU threads of the run (digits: 1, as in a sweep, so a hand-run cell "
+                                "reproduces its sweep cell bit-for-bit).", show_default=run_default("threads")),
+    base_steps: int = typer.Option(None, help="Training steps of the dense base.",
+                                   show_default=run_default("base_steps")),
+    finetune_steps: int = typer.Option(None, help="Fine-tuning steps of pretrained methods.",
+                                       show_default=run_default("finetune_steps")),
+    scratch_steps: int = typer.Option(None, help="Training steps of scratch methods (a dataset that sets none: "
+                                      "the base steps).", show_default=run_default("scratch_steps")),
+    batch_size: int = typer.Option(None, help="Training batch size.", show_default=run_default("batch_size")),
+    lr: float = typer.Option(None, help="AdamW learning rate.", show_default=run_default("lr")),
+    ema_decay: float = typer.Option(None, help="EMA decay (0 disables).", show_default=run_default("ema_decay")),
+    precision: str = typer.Option(None, help="fp32 | bf16 | fp16 (autocast).", show_default=run_default("precision")),
+    channels_last: bool = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format.",
+                                       show_default=run_default("channels_last")),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile training and sampling.",
+                                 show_default=run_default("compile")),
+    sample_steps: int = typer.Option(None, help="DDIM sampling steps.", show_default=run_default("sample_steps")),
+    timestep_spacing: str = typer.Option(None, help="leading | trailing | linspace | quad",
+                                         show_default=run_default("timestep_spacing")),
+    num_samples: int = typer.Option(None, help="Generated samples for FID/KID.",
+                                    show_default=run_default("num_samples")),
+    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | inception-v3",
+                                      show_default=run_default("fid_extractor")),
+    inception_weights: str = typer.Option(None, envvar="DIFFBENCH_INCEPTION_WEIGHTS", help="Inception .pt file.",
+                                          show_default="the cache's copy, else downloaded once"),
+    latency_repeats: int = typer.Option(None, help="Timed sampling trajectories (median reported).",
+                                        show_default=run_default("latency_repeats")),
+    latency_batch: int = typer.Option(None, help="Batch size of the latency measurement.",
+                                      show_default=run_default("latency_batch")),
+    results_dir: str = typer.Option(None, help="Where run folders are written.",
+                                    show_default=run_default("results_dir")),
+    cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics.",
+                                  show_default=run_default("cache_dir")),
+    run_id: str = typer.Option(None, help="Run id: the name of the run folder.",
+                               show_default="time-dataset-method-sparsity-seed"),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from the run's checkpoint.",
+                                show_default=run_default("resume")),
     checkpoint_every: str = typer.Option(None, help="Training checkpoint every N steps (500) or every duration "
-                                         "(90s, 5m; default: 500 steps or 60 s, whichever comes first)."),
-    param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable)."),
-    then: str = typer.Option(None, "--then", help="Sampler-level method applied after it (steps | deepcache)."),
+                                         "(90s, 5m).", show_default="500 steps or 60 s, whichever comes first"),
+    param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable).",
+                                    show_default="the method's paper defaults"),
+    then: str = typer.Option(None, "--then", help="Sampler-level method applied after it (steps | deepcache).",
+                             show_default="none"),
     then_param: list[str] = typer.Option(None, "--then-param", "-P",
-                                         help="Parameter of the --then method name=value (repeatable)."),
+                                         help="Parameter of the --then method name=value (repeatable).",
+                                         show_default="the --then method's defaults"),
 ) -> None:
     """Run one method on one dataset at one sparsity and write its record(s)."""
     from diffprune_bench.config import load_yaml, make_config, parse_checkpoint_every, parse_param_overrides
@@ -200,24 +241,31 @@ def macs(
 @friendly_errors
 def sweep(
     suite: Path = typer.Argument(..., help="Suite YAML (benchmarks/*.yaml)."),
-    results_dir: str = typer.Option(None, help="Run folders (default: the suite's, else results/runs)."),
-    cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics."),
-    device: str = typer.Option(None, help="auto | cpu | cuda"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells still to run; run nothing."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="Cells at once: worker processes (local, default 1), "
-                             "array tasks (slurm) or jobs (submitit-local)."),
-    status: bool = typer.Option(False, "--status", help="Show where every cell stands (records); run nothing."),
+    results_dir: str = typer.Option(None, help="Run folders.", show_default="the suite's, else results/runs"),
+    cache_dir: str = typer.Option(None, help="Cache of base models, extractors and reference statistics.",
+                                  show_default="the suite's, else .diffbench-cache"),
+    device: str = typer.Option(None, help="auto | cpu | cuda", show_default="the suite's, else auto"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells still to run; run nothing.",
+                                 show_default="off"),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Cells at once: worker processes (local), array tasks "
+                             "(slurm) or jobs (submitit-local).", show_default="local: 1; slurm: no cap"),
+    status: bool = typer.Option(False, "--status", help="Show where every cell stands (records); run nothing.",
+                                show_default="off"),
     executor: str = typer.Option("local", help="local | slurm | submitit-local (submitit jobs on this machine)."),
-    partition: str = typer.Option(None, help="SLURM partition."),
-    gpus_per_run: int = typer.Option(None, help="GPUs per run: one DDP process each (cluster executors)."),
-    cpus_per_run: int = typer.Option(None, help="CPU cores per run (cluster executors)."),
-    mem_gb: float = typer.Option(None, help="Memory per run in GB (cluster executors)."),
+    partition: str = typer.Option(None, help="SLURM partition.", show_default="the cluster's default"),
+    gpus_per_run: int = typer.Option(None, help="GPUs per run: one DDP process each (cluster executors).",
+                                     show_default="1"),
+    cpus_per_run: int = typer.Option(None, help="CPU cores per run (cluster executors).",
+                                     show_default="the cluster's default"),
+    mem_gb: float = typer.Option(None, help="Memory per run in GB (cluster executors).",
+                                 show_default="the cluster's default"),
     timeout_min: int = typer.Option(None, help="Time limit of a job in minutes; a run past it requeues and "
-                                    "resumes from its checkpoint (default 1440)."),
-    max_timeouts: int = typer.Option(None, help="Requeues after hitting the time limit (default 3)."),
+                                    "resumes from its checkpoint.", show_default="1440"),
+    max_timeouts: int = typer.Option(None, help="Requeues after hitting the time limit.", show_default="3"),
     slurm_param: list[str] = typer.Option(None, "--slurm-param", help="Other sbatch option name=value "
-                                          "(repeatable: account=..., qos=..., constraint=...)."),
-    wait: bool = typer.Option(None, "--wait/--no-wait", help="Wait for cluster jobs (default: slurm no)."),
+                                          "(repeatable: account=..., qos=..., constraint=...).", show_default="none"),
+    wait: bool = typer.Option(None, "--wait/--no-wait", help="Wait for cluster jobs.",
+                              show_default="slurm: --no-wait; submitit-local: --wait"),
 ) -> None:
     """Run every cell of a suite that has no ok record yet; exit code = number of failed cells."""
     from diffprune_bench.sweep.cluster import cluster_options
@@ -245,7 +293,8 @@ def sweep(
 def leaderboard(
     results_dir: str = typer.Option("results/runs", help="Folder searched (recursively) for records."),
     out: str = typer.Option("results", help="Where leaderboard.md, leaderboard.csv and plots/ are written."),
-    suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable)."),
+    suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable).",
+                                    show_default="every suite's records"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Also draw results/plots/*.png|svg."),
     site: bool = typer.Option(True, "--site/--no-site", help="Also write the web page results/site/index.html."),
 ) -> None:

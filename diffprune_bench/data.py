@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from diffprune_bench.errors import BenchError, first_line
+from diffprune_bench.protocol_defaults import DIGITS_DEFAULTS
 from diffprune_bench.registry import Registry
 
 
@@ -175,21 +176,7 @@ register_dataset(
         name="digits",
         description="scikit-learn's 8x8 handwritten digits (embedded; 1,257 train / 540 reference)",
         loader=load_digits,
-        # the protocol of the committed digits table (benchmarks/digits.yaml adds only its grid): a plain
-        # `diffbench run` trains the table's base and its FID is the table's cell for that seed
-        defaults={
-            "preset": "tiny",
-            "base_steps": 2025,
-            "finetune_steps": 200,
-            "scratch_steps": 600,
-            "batch_size": 64,
-            "lr": 2e-3,
-            "ema_decay": 0.995,
-            "sample_steps": 50,
-            "num_samples": 1000,
-            "fid_extractor": "digits-net",
-            "threads": 1,
-        },
+        defaults=dict(DIGITS_DEFAULTS),  # the suite's protocol (see protocol_defaults)
         secondary_extractors=("digits-mlp",),
     )
 )

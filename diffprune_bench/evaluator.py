@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.utils import save_image
 
 from diffprune_bench import __version__
 from diffprune_bench.base_model import BaseModel
@@ -40,6 +39,7 @@ from diffprune_bench.models import count_params, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable
 from diffprune_bench.results import git_commit
+from diffprune_bench.sample_grid import sample_caption, write_sample_grid
 from diffprune_bench.trainer import autocast
 
 CONSISTENCY_SAMPLES = 64
@@ -189,7 +189,10 @@ class Evaluator:
         model.eval()
         samples = self.sample(deployable, self.noise, show=True)
         features = self.extractor.features(samples)
-        save_image((samples[:64] + 1) / 2, run_dir / "samples.png", nrow=8)
+        primary = self.primary.score(features, self.cfg.seed)
+        write_sample_grid(samples, run_dir / "samples.png", sample_caption(
+            self.cfg.method, deployable.sparsity if deployable.sparsity is not None else self.cfg.sparsity,
+            self.cfg.seed, primary["fid"], self.cfg.then))
         report = count_macs(model, self.data.shape)
         steps = self.steps_of(deployable)  # per sample, over the whole trajectory this deployable runs
         if deployable.step_modules is not None:
@@ -202,7 +205,6 @@ class Evaluator:
         save_samples_uint8(run_dir / SAMPLES_NAME, samples)
         own = samples[:CONSISTENCY_SAMPLES]
         ssim = 1.0 if is_baseline else mean_ssim(own, self.dense_samples())
-        primary = self.primary.score(features, self.cfg.seed)
         return {
             "fid": primary["fid"],
             "kid": primary["kid"],

@@ -6,8 +6,11 @@ next to ``--executor slurm`` would all target the same folder. The record is the
 truth, so a second writer must never start there: it gets :class:`RunDirBusy` and writes nothing.
 
 The claim is an advisory ``flock`` on ``<run_dir>/.writer.lock``. The kernel drops it when its
-process dies, so a killed or preempted run never leaves a stale claim behind (no lock files to clean
-up by hand), and on NFS the Linux client maps it to a POSIX lock the server arbitrates across nodes.
+process dies, so a killed or preempted run never leaves a stale claim behind (its file, left behind,
+claims nothing), and on NFS the Linux client maps it to a POSIX lock the server arbitrates across nodes.
+A finished run removes the file while it still holds the lock, so its folder holds only what the run
+wrote; whoever locks a file that was removed meanwhile finds it is no longer the folder's lock file and
+opens the new one (a lock on a removed file would claim nothing).
 Inside one process the claim is re-entrant for the thread that holds it (the sweep claims a cell,
 then the harness it calls claims the same folder) and exclusive against every other thread.
 """
@@ -44,7 +47,8 @@ def _key(run_dir: Path) -> str:
 
 
 def holder(run_dir: str | Path) -> dict[str, Any] | None:
-    """Who wrote the claim last (host, pid, since): a live claim's holder, or the last one that held it."""
+    """Who holds the claim (host, pid, since): a live claim's holder, or a killed one's (a finished run
+    leaves no lock file: None)."""
     try:
         return json.loads((Path(run_dir) / LOCK_NAME).read_text() or "null")
     except (OSError, json.JSONDecodeError):
@@ -58,9 +62,13 @@ def is_claimed(run_dir: str | Path) -> bool:
         if key in _HELD:
             return True
     path = Path(run_dir) / LOCK_NAME
-    if fcntl is None or not path.is_file():
+    if fcntl is None:
         return False
-    with open(path, "a+") as handle:
+    try:
+        handle = open(path)  # noqa: SIM115 - never "a+": looking must not create the file again
+    except FileNotFoundError:
+        return False
+    with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -88,13 +96,7 @@ class RunDirClaim:
                 self.acquired = True
                 return self
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until release()
-            if fcntl is not None:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    handle.close()
-                    raise self._busy(None) from None
+            handle = self._lock_file()
             handle.seek(0)
             handle.truncate()
             handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
@@ -114,9 +116,32 @@ class RunDirClaim:
                 _HELD[self.key] = (owner, depth - 1, handle)
                 return
             del _HELD[self.key]
+            try:  # removed while still locked: nothing left behind (see _lock_file for the race)
+                (self.run_dir / LOCK_NAME).unlink()
+            except FileNotFoundError:
+                pass
             if fcntl is not None:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            handle.close()  # the file stays: deleting it would race a process about to open it
+            handle.close()
+
+    def _lock_file(self) -> Any:
+        """The folder's lock file, opened and locked (raises :class:`RunDirBusy` when someone holds it).
+
+        A releasing holder removes the file before it unlocks, so a process that opened the file just
+        before may lock a file that is no longer the folder's: it then opens the new one and tries again."""
+        path = self.run_dir / LOCK_NAME
+        while True:
+            handle = open(path, "a+")  # noqa: SIM115 - held until release()
+            if fcntl is None:
+                return handle
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise self._busy(None) from None
+            if _same_file(handle, path):
+                return handle
+            handle.close()  # closing drops the lock on the removed file
 
     def _busy(self, who: str | None) -> RunDirBusy:
         if who is None:
@@ -131,6 +156,16 @@ class RunDirClaim:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path`` (not one removed since it was opened)."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 class _NoClaim:

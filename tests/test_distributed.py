@@ -7,7 +7,6 @@ a cluster run does.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -215,4 +214,4 @@ def test_torchrun_run_writes_one_record_that_matches_one_process(tiny_config, tm
     assert record["training"]["final_loss"] == pytest.approx(single["training"]["final_loss"], rel=1e-4)
     assert record["metrics"]["params_nonzero"] == single["metrics"]["params_nonzero"]
     assert record["metrics"]["fid"] == pytest.approx(single["metrics"]["fid"], rel=0.02)
-    assert json.loads((Path(record["paths"]["run_dir"]) / ".writer.lock").read_text())["pid"] != os.getpid()
+    assert not (Path(record["paths"]["run_dir"]) / ".writer.lock").exists()  # rank 0 released its claim

@@ -16,7 +16,7 @@ import pytest
 from fake_records import make_record
 
 from diffprune_bench.results import RECORD_NAME, load_records, write_record
-from diffprune_bench.rundir import LOCK_NAME, RunDirBusy, RunDirClaim, is_claimed
+from diffprune_bench.rundir import LOCK_NAME, RunDirBusy, RunDirClaim, _same_file, is_claimed
 from diffprune_bench.sweep.suite import parse_suite, run_cell, sweep
 
 HOLDER = """
@@ -60,6 +60,35 @@ def test_a_claim_excludes_other_processes_until_its_holder_dies(tmp_path, held_e
         assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
         assert is_claimed(folder)
     assert not is_claimed(folder)
+    assert not (folder / LOCK_NAME).exists()  # a finished claim leaves nothing behind
+
+
+def test_a_released_claim_removes_its_lock_file_and_a_late_opener_takes_the_new_one(tmp_path):
+    """A process that opened the lock file just before its holder removed it must not claim the folder
+    through the removed file while a third one claims it through the new file."""
+    folder = tmp_path / "cell"
+    first = RunDirClaim(folder).acquire()
+    late = open(folder / LOCK_NAME, "a+")  # opened before the release, as a racing process would
+    first.release()
+    assert not (folder / LOCK_NAME).exists() and not is_claimed(folder)
+    with RunDirClaim(folder):  # creates and locks a new file
+        assert (folder / LOCK_NAME).is_file() and is_claimed(folder)
+        assert not _same_file(late, folder / LOCK_NAME)  # what the late opener's claim would check
+    assert not rundir_files(folder)
+    late.close()
+
+
+def rundir_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_finished_run_folder_keeps_no_writer_lock(tiny_config):
+    from diffprune_bench.harness import run
+
+    (record,) = run(tiny_config(method="dense", run_id="finished"))
+    folder = Path(record["paths"]["run_dir"])
+    assert record["status"] == "ok" and (folder / RECORD_NAME).is_file()
+    assert LOCK_NAME not in rundir_files(folder) and not is_claimed(folder)
 
 
 def test_a_claim_is_reentrant_for_its_thread_and_exclusive_between_threads(tmp_path):

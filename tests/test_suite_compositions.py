@@ -94,3 +94,21 @@ def test_a_composed_record_is_not_the_plain_cells_record():
     plain_cfg = suite.cell_config(plain)
     mine = make_record("magnitude", 0.5, 0, 1.0, suite=suite.name, run_id=plain_cfg.run_id, config=plain_cfg.to_dict())
     assert cell_results([record, mine], suite, plain) == [mine]
+
+
+def test_dry_run_and_status_show_a_composition_by_its_combined_target(tmp_path):
+    from diffprune_bench.sweep.status import format_status, sweep_status
+
+    data = suite_data(compositions=[
+        {"method": "magnitude", "then": "steps", "sparsities": [0.25], "then_params": {"saving": 0.3333}},
+        {"method": "magnitude", "then": "deepcache", "sparsities": [0.25], "then_params": {"interval": 2}},
+    ])
+    suite = parse_suite(data)
+    overrides = {"results_dir": str(tmp_path / "runs")}
+    lines: list[str] = []
+    sweep(suite, overrides, dry_run=True, log=lines.append)
+    assert "  to run: digits/magnitude 0.25 + steps → 0.50 seed=0" in lines
+    assert "  to run: digits/magnitude 0.25 + deepcache (interval=2) seed=0" in lines  # no target to combine
+    assert "  to run: digits/magnitude s=0.5 seed=0" in lines  # plain cells as before
+    status = format_status(suite, sweep_status(suite, overrides))
+    assert "digits/magnitude 0.25 + steps → 0.50 seed=0" in status

@@ -39,6 +39,7 @@ from torch import nn
 from diffprune_bench.errors import BenchError
 from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
 from diffprune_bench.models import weights_hash
+from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 from diffprune_bench.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -58,8 +59,16 @@ class FeatureExtractor:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
-    def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    def features(self, images: torch.Tensor, batch_size: int = 500, show: bool = True) -> np.ndarray:
+        """Features of ``images``, with progress (``show``) when the extraction takes a while."""
         raise NotImplementedError
+
+    def _chunks(self, count: int, batch_size: int, show: bool) -> Iterable[int]:
+        """Start indices of the batches, shown as progress (FID of 50K samples takes minutes)."""
+        starts = range(0, count, batch_size)
+        if not show:
+            return starts
+        return progress_bar(starts, desc=f"{self.name} features", unit="batch", leave=False, delay=PHASE_DELAY_S)
 
     def describe(self) -> dict[str, Any]:
         """How images become features (recorded in the FID protocol of every record)."""
@@ -70,7 +79,9 @@ def extract_features(extractor: FeatureExtractor, images: torch.Tensor | Iterabl
     """Features of one image tensor or of a stream of batches (reference splits are streamed)."""
     if isinstance(images, torch.Tensor):
         return extractor.features(images)
-    return np.concatenate([extractor.features(batch) for batch in images])
+    batches = progress_bar(images, desc=f"{extractor.name} features", unit="batch", leave=False,
+                           delay=PHASE_DELAY_S)
+    return np.concatenate([extractor.features(batch) for batch in batches])
 
 
 # ---------------------------------------------------------------- digits-net
@@ -184,11 +195,11 @@ class ShippedDigitsExtractor(FeatureExtractor):
                 "reference_accuracy": self.reference_accuracy}
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    def features(self, images: torch.Tensor, batch_size: int = 500, show: bool = True) -> np.ndarray:
         images = images.detach().float().cpu()
         chunks = [
             self.net.embed(quantize_uint8(images[i : i + batch_size]) / 127.5 - 1).numpy()
-            for i in range(0, len(images), batch_size)
+            for i in self._chunks(len(images), batch_size, show)
         ]
         return np.concatenate(chunks).astype(np.float64)
 
@@ -300,12 +311,12 @@ class InceptionExtractor(FeatureExtractor):
             return np.stack(list(pool.map(self.resize, batch))).transpose(0, 3, 1, 2)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = 100) -> np.ndarray:
+    def features(self, images: torch.Tensor, batch_size: int = 100, show: bool = True) -> np.ndarray:
         uint8 = quantize_uint8(images.detach().float().cpu()).to(torch.uint8)
         if uint8.shape[1] == 1:
             uint8 = uint8.repeat(1, 3, 1, 1)
         chunks = []
-        for start in range(0, len(uint8), batch_size):
+        for start in self._chunks(len(uint8), batch_size, show):
             batch = uint8[start : start + batch_size].permute(0, 2, 3, 1).numpy()
             x = torch.from_numpy(self._resized(batch)).float().to(self.device)
             feats = self.model.layers.forward((x - 128) / 128).view(x.shape[0], -1)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from diffprune_bench.metrics.graph_latency import LatencyStore
+from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 
 LOCK_NAME = "compute.lock"
 TURNSTILE_NAME = "timing.turnstile"
@@ -188,17 +189,24 @@ def measure_ab(
         with guard as waited:
             if store is not None and (earlier := store.get(key)) is not None:
                 return earlier
+            # one step per trajectory pair (dense and method), warm-up included; lines are printed between
+            # timed trajectories, never inside one
+            bar = progress_bar(total=warmup + repeats, desc="latency (A/B trajectories)", unit="pair",
+                               leave=False, delay=PHASE_DELAY_S)
             for _ in range(warmup):
                 if run_dense is not None:
                     run_dense()
                 run_method()
                 _sync(device)
+                bar.update(1)
             dense_s: list[float] = []
             method_s: list[float] = []
             for _ in range(repeats):
                 if run_dense is not None:
                     dense_s.append(_timed(run_dense, device))
                 method_s.append(_timed(run_method, device))
+                bar.update(1)
+            bar.close()
         result: dict[str, Any] = {
             "median_s": statistics.median(method_s),
             "times_s": [round(t, 5) for t in method_s],

@@ -17,6 +17,8 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
+from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
+
 COUNTER = "fvcore.FlopCountAnalysis+sdpa"
 CONV_OPS = ("conv",)
 LINEAR_OPS = ("addmm", "linear", "matmul", "bmm", "einsum", "mm")
@@ -125,7 +127,9 @@ def trajectory_macs(step_modules: list[nn.Module], sample_shape: tuple[int, int,
     cache: dict[int, MacReport] = {}
     dense = 0
     effective = 0.0
-    for module in step_modules:
+    # fvcore traces each distinct module once; a step-aware supernet has many (seconds each on a big UNet)
+    steps = progress_bar(step_modules, desc="counting MACs", unit="step", leave=False, delay=PHASE_DELAY_S)
+    for module in steps:
         if id(module) not in cache:
             cache[id(module)] = count_macs(module, sample_shape)
         dense += cache[id(module)].total

@@ -38,8 +38,26 @@ class Cell:
     then_params: str = "{}"
 
     def label(self) -> str:
-        name = f"{self.method}+{self.then}" if self.then else self.method
-        return f"{self.dataset}/{name} s={self.sparsity:g} seed={self.seed}"
+        """``digits/magnitude s=0.5 seed=0``; a composition by its parts and combined target, as the
+        leaderboard shows it: ``digits/diff-pruning 0.25 + steps → 0.50 seed=0``."""
+        if not self.then:
+            return f"{self.dataset}/{self.method} s={self.sparsity:g} seed={self.seed}"
+        parts = f"{self.method} {self.sparsity:.2f} + {self.then}"
+        target = self.combined_target()
+        if target is None:  # the sampler-level part names no saving (e.g. an explicit interval)
+            params = json.loads(self.then_params)
+            parts += f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""
+        else:
+            parts += f" → {target:.2f}"
+        return f"{self.dataset}/{parts} seed={self.seed}"
+
+    def combined_target(self) -> float | None:
+        """A composition's target, 1 - (1 - s)(1 - t), when its sampler-level part names its saving t
+        (the run's ``compose_then`` realises the same product); None otherwise."""
+        saving = json.loads(self.then_params).get("saving") if self.then else None
+        if not isinstance(saving, (int, float)) or isinstance(saving, bool):
+            return None
+        return 1.0 - (1.0 - self.sparsity) * (1.0 - float(saving))
 
 
 Work = list[tuple[Cell, RunConfig]]
