@@ -20,6 +20,8 @@ rows statistically tied with it are marked as the tied group.
 from __future__ import annotations
 
 import math
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from diffprune_bench.errors import first_line
 from diffprune_bench.report.stats import (
     PairedDelta,
     Reference,
@@ -35,6 +38,7 @@ from diffprune_bench.report.stats import (
     paired_kid_delta,
     pooled_seed_variance,
 )
+from diffprune_bench.results import warn
 
 #: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
 TARGET_TOLERANCE = 0.02
@@ -102,14 +106,27 @@ class FeatureStore:
     def features(self, path: Any) -> np.ndarray | None:
         key = str(path or "")
         if key not in self._features:
-            self._features[key] = np.load(key).astype(np.float64) if key and Path(key).is_file() else None
+            self._features[key] = _readable(key, "features", lambda: np.load(key).astype(np.float64))
         return self._features[key]
 
     def reference(self, path: Any) -> Reference | None:
         key = str(path or "")
         if key not in self._references:
-            self._references[key] = Reference.load(key) if key and Path(key).is_file() else None
+            self._references[key] = _readable(key, "reference statistics", lambda: Reference.load(key))
         return self._references[key]
+
+
+def _readable(path: str, what: str, load: Callable[[], Any]) -> Any:
+    """``load()`` of an existing file, or None (a damaged file: one warning line, and the rows it served
+    get no paired interval instead of taking the whole leaderboard down)."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return load()
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, np.linalg.LinAlgError) as error:
+        warn(f"{what} file {path} is unreadable ({first_line(error)}): no paired interval from it; "
+             "rerun the cell that wrote it or delete it")
+        return None
 
 
 def _by_seed(runs: pd.DataFrame, store: FeatureStore) -> dict[int, np.ndarray]:
