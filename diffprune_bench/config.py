@@ -182,6 +182,10 @@ class RunConfig:
                 raise BenchError(
                     f"unknown FID extractor {self.fid_extractor!r}; available: {', '.join(extractor_names())}"
                 )
+        if self.base:
+            from diffprune_bench.models import check_local_base
+
+            check_local_base(self.base)
         if not isinstance(self.method_params, dict):
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
         create_method(self.method, self.method_params, sparsity=self.sparsity)  # every method check, before any work
@@ -265,12 +269,21 @@ def resume_refusal(saved_config: Path, cfg: RunConfig) -> str | None:
     """Why ``cfg`` may not resume the run whose ``config.yaml`` is ``saved_config`` (None: it may).
 
     A resume continues the same run: any other difference would mix two configurations in one
-    record (and used to overwrite config.yaml silently). No saved config: nothing to compare."""
+    record (and used to overwrite config.yaml silently). No saved config: nothing to compare. A checkpoint
+    that is truncated or not a training checkpoint is refused too, before anything is loaded or written."""
+    from diffprune_bench.trainer import CHECKPOINT_NAME, checkpoint_problem
+
+    return _config_refusal(saved_config, cfg) or checkpoint_problem(saved_config.parent / "checkpoint" /
+                                                                    CHECKPOINT_NAME)
+
+
+def _config_refusal(saved_config: Path, cfg: RunConfig) -> str | None:
+    """How ``cfg`` differs from the saved config of the run it resumes (None: only harmlessly)."""
     if not saved_config.is_file():
         return None
     try:
         saved = yaml_load(saved_config.read_text())
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         return f"--resume: cannot read {str(saved_config)!r} ({type(error).__name__}); start a new run"
     if not isinstance(saved, dict):
         return f"--resume: {str(saved_config)!r} is not a config mapping; start a new run"

@@ -105,6 +105,14 @@ def _local_layout(path: Path, source: str) -> str | None:
     raise BenchError(f"base checkpoint {source!r} has no config.json or unet/config.json (expected save_pretrained)")
 
 
+def check_local_base(source: str) -> None:
+    """Refuse, before any work, a ``--base`` that names an existing local path without a loadable layout
+    (a file, or a folder without config.json and weights); hub ids and missing paths are judged on load."""
+    path = Path(source).expanduser()
+    if path.exists():
+        _local_layout(path, source)
+
+
 def _hub_layout(repo_id: str) -> tuple[str | None, bool, set[str]]:
     """(UNet subfolder, found in the local hub cache, repo files) of a hub checkpoint.
 

@@ -99,6 +99,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _read_checkpoint(path: Path, device: torch.device | str, mmap: bool = False) -> tuple[dict, str | None]:
+    """(state, None) of a training checkpoint, or ({}, the one-line reason it cannot be resumed from)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except Exception as error:  # noqa: BLE001 - pickle, zip and torch raise many kinds
+        return {}, (f"--resume: checkpoint {path} is unreadable (truncated or not a checkpoint: "
+                    f"{first_line(error)}); delete it and run without --resume")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        return {}, (f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
+                    "delete it and run without --resume")
+    return state, None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (None: it can, or there is none to judge): checked before a
+    resumed run loads data or writes anything. Memory-mapped, so the weights themselves are not read."""
+    if not path.is_file():
+        return None
+    return _read_checkpoint(path, "cpu", mmap=True)[1]
+
+
 class Trainer:
     """Train ``model`` for ``ctx.total_steps`` optimizer steps with ``method``'s hooks."""
 
@@ -162,15 +184,9 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.is_file():
             raise BenchError(f"--resume: no checkpoint at {path}; run once without --resume")
-        try:
-            state = torch.load(path, map_location=self.ctx.device, weights_only=False)
-        except Exception as error:  # noqa: BLE001 - pickle, zip and torch raise many kinds
-            raise BenchError(f"--resume: checkpoint {path} is unreadable (truncated or not a checkpoint: "
-                             f"{first_line(error)}); delete it and run without --resume") from None
-        missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-        if missing:
-            raise BenchError(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
-                             "delete it and run without --resume")
+        state, problem = _read_checkpoint(path, self.ctx.device)
+        if problem is not None:
+            raise BenchError(problem)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
