@@ -23,9 +23,12 @@ from diffprune_bench.context import MethodContext
 from diffprune_bench.data import DataBundle, infinite_batches
 from diffprune_bench.diffusion import make_noise_scheduler
 from diffprune_bench.distributed import current as current_distributed
+from diffprune_bench.errors import first_line
+from diffprune_bench.filemodes import honour_umask
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model, load_pretrained_with_info, weights_hash
 from diffprune_bench.registry import Method
+from diffprune_bench.results import warn
 from diffprune_bench.trainer import Trainer
 
 
@@ -87,7 +90,8 @@ def make_context(
 
 
 def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> BaseModel:
-    """The dense base every method starts from: a pretrained checkpoint, or ours, trained once and cached."""
+    """The dense base every method starts from: a pretrained checkpoint, or ours, trained once and cached
+    (a damaged cache entry is trained again, with a warning, rather than failing every run that reads it)."""
     if cfg.base:
         model, loaded = load_pretrained_with_info(cfg.base, cfg.preset)
         model = model.to(device).eval()
@@ -98,9 +102,14 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
     if current_distributed().broadcast_object((folder / "base.json").is_file()):  # rank 0 decides for all
         from diffusers import UNet2DModel
 
-        model = UNet2DModel.from_pretrained(folder / "model").to(device).eval()
-        info = json.loads((folder / "base.json").read_text())
-        return BaseModel(model, {**info, "cached": True})
+        try:
+            model = UNet2DModel.from_pretrained(folder / "model").to(device).eval()
+            info = json.loads((folder / "base.json").read_text())
+            return BaseModel(model, {**info, "cached": True})
+        except Exception as error:  # noqa: BLE001 - a damaged cache entry only costs a retrain
+            warn(f"cached base {folder} is unreadable ({first_line(error)}); training it again")
+            if current_distributed().is_main:
+                shutil.rmtree(folder, ignore_errors=True)
     seed_everything(cfg.seed)
     model = build_model(cfg.preset, seed=cfg.seed).to(device)
     ctx = make_context(cfg, data, device, cfg.base_steps)
@@ -116,6 +125,7 @@ def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> Ba
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model")
     (tmp / "base.json").write_text(json.dumps(info, indent=2))
+    honour_umask(tmp)  # safetensors writes its files 0600
     try:
         tmp.rename(folder)
     except OSError:  # another process cached the same base first: keep theirs

@@ -282,7 +282,7 @@ def sweep(
     cluster = cluster_options(executor, jobs, slurm_param, partition=partition, gpus_per_run=gpus_per_run,
                               cpus_per_run=cpus_per_run, mem_gb=mem_gb, timeout_min=timeout_min,
                               max_timeouts=max_timeouts, wait=wait)
-    result = run_sweep(loaded, overrides, dry_run=dry_run, jobs=jobs or 1,
+    result = run_sweep(loaded, overrides, dry_run=dry_run, jobs=1 if jobs is None else jobs,
                        cluster=cluster)
     if result.failures:
         raise typer.Exit(code=min(result.failures, 125))

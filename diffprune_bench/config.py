@@ -20,9 +20,36 @@ import yaml
 from diffprune_bench.errors import BenchError
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names one key twice: YAML keeps the last silently, so one of two settings would vanish."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} on line {line} (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+    def __str__(self) -> str:
+        return self.problem or ""
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader without YAML 1.1's base-60 numbers (so N:M patterns like ``2:4`` stay strings) and
-    with floats like ``2e-4`` (YAML 1.1 wants a dot) read as numbers, as users write learning rates."""
+    with floats like ``2e-4`` (YAML 1.1 wants a dot) read as numbers, as users write learning rates, and
+    refusing a key given twice in one mapping (:class:`DuplicateKeyError`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults`` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -161,6 +188,10 @@ class RunConfig:
                 raise BenchError(
                     f"unknown FID extractor {self.fid_extractor!r}; available: {', '.join(extractor_names())}"
                 )
+        if self.base:
+            from diffprune_bench.models import check_local_base
+
+            check_local_base(self.base)
         if not isinstance(self.method_params, dict):
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
         create_method(self.method, self.method_params, sparsity=self.sparsity)  # every method check, before any work
@@ -244,12 +275,21 @@ def resume_refusal(saved_config: Path, cfg: RunConfig) -> str | None:
     """Why ``cfg`` may not resume the run whose ``config.yaml`` is ``saved_config`` (None: it may).
 
     A resume continues the same run: any other difference would mix two configurations in one
-    record (and used to overwrite config.yaml silently). No saved config: nothing to compare."""
+    record (and used to overwrite config.yaml silently). No saved config: nothing to compare. A checkpoint
+    that is truncated or not a training checkpoint is refused too, before anything is loaded or written."""
+    from diffprune_bench.trainer import CHECKPOINT_NAME, checkpoint_problem
+
+    return _config_refusal(saved_config, cfg) or checkpoint_problem(saved_config.parent / "checkpoint" /
+                                                                    CHECKPOINT_NAME)
+
+
+def _config_refusal(saved_config: Path, cfg: RunConfig) -> str | None:
+    """How ``cfg`` differs from the saved config of the run it resumes (None: only harmlessly)."""
     if not saved_config.is_file():
         return None
     try:
         saved = yaml_load(saved_config.read_text())
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         return f"--resume: cannot read {str(saved_config)!r} ({type(error).__name__}); start a new run"
     if not isinstance(saved, dict):
         return f"--resume: {str(saved_config)!r} is not a config mapping; start a new run"
@@ -280,15 +320,31 @@ def config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(RunConfig)}
 
 
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """Parse the YAML file ``path`` (a ``what``: "config file", "suite file"), every problem a one-line
+    :class:`BenchError` naming the file: missing, a folder, unreadable, not UTF-8, bad syntax, a key twice."""
+    path = Path(path)
+    if path.is_dir():
+        raise BenchError(f"{what} {str(path)!r} is a folder; give the YAML file itself")
+    if not path.is_file():
+        raise BenchError(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise BenchError(f"{what} {str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise BenchError(f"cannot read {what} {str(path)!r} ({error.strerror or type(error).__name__})") from None
+    try:
+        return yaml_load(text)
+    except DuplicateKeyError as error:
+        raise BenchError(f"{what} {str(path)!r}: {error}; give each key once") from None
+    except yaml.YAMLError as error:
+        raise BenchError(f"{what} {str(path)!r} is not valid YAML: {error}".splitlines()[0]) from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing file or bad syntax."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise BenchError(f"config file {str(path)!r} is not valid YAML: {error}".splitlines()[0]) from None
+    data = read_yaml_file(path, "config file") or {}
     if not isinstance(data, dict):
         raise BenchError(f"config file {str(path)!r} must hold a mapping of option: value")
     return data

@@ -28,7 +28,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from diffprune_bench.diffusion import make_sampler_scheduler
-from diffprune_bench.results import atomic_write_text
+from diffprune_bench.filemodes import atomic_write_text, honour_umask
 
 PIPELINE_CLASS = "DDIMPipeline"
 
@@ -67,4 +67,5 @@ def export_pipeline(model: nn.Module, folder: str | Path, sample_steps: int, spa
         "unet": component,
     }
     atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+    honour_umask(folder)  # safetensors writes the weights 0600: others sharing the folder could not load them
     return {"model": str(unet_dir), "pipeline": str(folder)}

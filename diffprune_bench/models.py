@@ -87,15 +87,30 @@ SCHEDULER_FILE = "scheduler_config.json"
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 
 
+#: the weight files (single or sharded, safetensors or pickle) ``save_pretrained`` writes beside config.json
+WEIGHTS_PATTERN = "diffusion_pytorch_model*"
+
+
 def _local_layout(path: Path, source: str) -> str | None:
     """The subfolder holding the UNet of a local checkpoint: None (root) or "unet" (pipeline layout)."""
     if not path.is_dir():
         raise BenchError(f"base checkpoint {source!r} is not a folder (expected a save_pretrained folder)")
-    if (path / "config.json").is_file():
-        return None
-    if (path / "unet" / "config.json").is_file():
-        return "unet"
+    for subfolder, folder in ((None, path), ("unet", path / "unet")):
+        if (folder / "config.json").is_file():
+            if not any(folder.glob(WEIGHTS_PATTERN)):
+                raise BenchError(f"cannot load base checkpoint {source!r}: a config.json but no weights "
+                                 f"(diffusion_pytorch_model.safetensors or .bin) in {str(folder)!r}; "
+                                 "give a complete save_pretrained folder")
+            return subfolder
     raise BenchError(f"base checkpoint {source!r} has no config.json or unet/config.json (expected save_pretrained)")
+
+
+def check_local_base(source: str) -> None:
+    """Refuse, before any work, a ``--base`` that names an existing local path without a loadable layout
+    (a file, or a folder without config.json and weights); hub ids and missing paths are judged on load."""
+    path = Path(source).expanduser()
+    if path.exists():
+        _local_layout(path, source)
 
 
 def _hub_layout(repo_id: str) -> tuple[str | None, bool, set[str]]:
@@ -187,8 +202,9 @@ def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[U
         model, loading = UNet2DModel.from_pretrained(
             target, subfolder=subfolder, output_loading_info=True, local_files_only=cached
         )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BenchError(f"cannot load base checkpoint {source!r}: {first_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - OSError, safetensors' own error on a truncated file, ...
+        raise BenchError(f"cannot load base checkpoint {source!r} ({first_line(error)}); give a complete "
+                         "save_pretrained folder") from None
     problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}"

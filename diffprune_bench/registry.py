@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
+from diffprune_bench.typecheck import field_type_problem
 
 if TYPE_CHECKING:
     from diffprune_bench.context import MethodContext
@@ -272,6 +273,9 @@ def build_params(method_cls: type[Method], overrides: dict[str, Any] | None) -> 
             f"unknown parameter(s) {', '.join(unknown)} for method {method_cls.name!r}; "
             f"allowed: {', '.join(sorted(allowed)) or '(none)'}"
         )
+    problem = field_type_problem(method_cls.Params, overrides)
+    if problem is not None:
+        raise BenchError(f"method {method_cls.name!r}: parameter {problem}")
     try:
         return method_cls.Params(**overrides)
     except (TypeError, ValueError) as error:  # the dataclass (or its __post_init__) rejected a value

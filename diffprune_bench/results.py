@@ -7,11 +7,9 @@ logic and the CI regression check all read records and nothing else.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from diffprune_bench.filemodes import atomic_write_text, current_umask  # noqa: F401 - re-exported
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
@@ -41,8 +41,6 @@ RECORD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "method_info": (dict,),
     "paths": (dict,),
 }
-
-_UMASK_GUARD = threading.Lock()
 
 
 def utc_now() -> str:
@@ -67,33 +65,6 @@ def git_commit() -> str | None:
 def new_run_id(method: str, dataset: str, sparsity: float, seed: int) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{dataset}-{method}-s{sparsity:g}-seed{seed}-{uuid.uuid4().hex[:6]}"
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so briefly, under a lock)."""
-    with _UMASK_GUARD:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename: readers never see half a file.
-
-    ``mkstemp`` creates its file mode 0600; the result gets the mode a plain ``open`` would give
-    (0666 less the umask, so 0644 usually), like the samples and plots beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -125,6 +96,10 @@ def record_problem(record: Any) -> str | None:
     """Why ``record`` cannot be used (not a JSON object, a field of the wrong type), or None."""
     if not isinstance(record, dict):
         return f"holds a JSON {type(record).__name__}, not an object"
+    version = record.get("schema_version", SCHEMA_VERSION)  # hand-made records may leave it out
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        return (f"schema_version {version!r} is not one this harness reads ({SCHEMA_VERSION}); "
+                "read it with the version that wrote it")
     for name, types in RECORD_FIELD_TYPES.items():
         value = record.get(name)
         if value is None:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffprune_bench.config import RESUME_HARMLESS, RunConfig
+from diffprune_bench.filemodes import atomic_write
 
 #: Config fields that never change what a run trains and exports: the composition applied afterwards,
 #: where files go, how the result is timed, and the bookkeeping of the run itself.
@@ -62,7 +62,5 @@ def load_trained(path: Path, device: torch.device) -> dict[str, Any] | None:
 
 def store_trained(path: Path, deployables: list[Any], training: dict[str, Any], run_id: str) -> None:
     """Write atomically (temporary file, then rename): a reader sees a whole entry or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"deployables": deployables, "training": training, "run_id": run_id}, tmp)
-    os.replace(tmp, path)
+    entry = {"deployables": deployables, "training": training, "run_id": run_id}
+    atomic_write(path, lambda tmp: torch.save(entry, tmp))

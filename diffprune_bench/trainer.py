@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -19,12 +18,15 @@ import torch
 from torch import nn
 
 from diffprune_bench.context import MethodContext
-from diffprune_bench.errors import BenchError
+from diffprune_bench.errors import BenchError, first_line
+from diffprune_bench.filemodes import atomic_write
 from diffprune_bench.metrics.latency import yield_point
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Method
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: What every checkpoint :meth:`Trainer.save_checkpoint` writes holds.
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "ema", "generator", "cpu_rng")
 clock = time.monotonic  # what checkpoint timing reads (tests replace it to play minutes in no time)
 
 
@@ -97,6 +99,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _read_checkpoint(path: Path, device: torch.device | str, mmap: bool = False) -> tuple[dict, str | None]:
+    """(state, None) of a training checkpoint, or ({}, the one-line reason it cannot be resumed from)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except Exception as error:  # noqa: BLE001 - pickle, zip and torch raise many kinds
+        return {}, (f"--resume: checkpoint {path} is unreadable (truncated or not a checkpoint: "
+                    f"{first_line(error)}); delete it and run without --resume")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        return {}, (f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
+                    "delete it and run without --resume")
+    return state, None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (None: it can, or there is none to judge): checked before a
+    resumed run loads data or writes anything. Memory-mapped, so the weights themselves are not read."""
+    if not path.is_file():
+        return None
+    return _read_checkpoint(path, "cpu", mmap=True)[1]
+
+
 class Trainer:
     """Train ``model`` for ``ctx.total_steps`` optimizer steps with ``method``'s hooks."""
 
@@ -152,23 +176,34 @@ class Trainer:
             "generator": self.ctx.generator.get_state(),
             "cpu_rng": torch.get_rng_state(),
         }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> int:
-        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
-            raise BenchError(f"--resume: no checkpoint at {self.checkpoint_path}; run once without --resume")
-        state = torch.load(self.checkpoint_path, map_location=self.ctx.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
-        if state.get("method"):
-            self.method.load_state_dict(state["method"])
-        self.ctx.generator.set_state(state["generator"])
-        torch.set_rng_state(state["cpu_rng"])
-        return int(state["step"])
+        """Restore the checkpoint's state; a truncated file, or one another run or model wrote, is a
+        one-line :class:`BenchError` naming it (resuming from it would train something else)."""
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            raise BenchError(f"--resume: no checkpoint at {path}; run once without --resume")
+        state, problem = _read_checkpoint(path, self.ctx.device)
+        if problem is not None:
+            raise BenchError(problem)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema and state["ema"]:
+                self.ema.load_state_dict(state["ema"])
+            if state.get("method"):
+                self.method.load_state_dict(state["method"])
+            self.ctx.generator.set_state(state["generator"])
+            torch.set_rng_state(state["cpu_rng"])
+            step = int(state["step"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise BenchError(f"--resume: checkpoint {path} belongs to another model or method "
+                             f"({first_line(error)}); delete it and run without --resume") from None
+        if not 0 <= step <= self.ctx.total_steps:
+            raise BenchError(f"--resume: checkpoint {path} is at step {step}, outside this run's "
+                             f"0..{self.ctx.total_steps}; delete it and run without --resume")
+        return step
 
     def _checkpoint_due(self, done: int, last_checkpoint: float) -> bool:
         """After ``done`` steps: every ``checkpoint_every`` steps, or ``checkpoint_every_s`` after the last one."""

@@ -36,11 +36,13 @@ import torch
 from cleanfid.fid import frechet_distance, kernel_distance
 from torch import nn
 
-from diffprune_bench.errors import BenchError
+from diffprune_bench.errors import BenchError, first_line
+from diffprune_bench.filemodes import atomic_write
 from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
 from diffprune_bench.models import weights_hash
 from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 from diffprune_bench.registry import Registry
+from diffprune_bench.results import warn
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -236,6 +238,8 @@ def resolve_inception_weights(weights: str | None, cache_dir: str | Path) -> Pat
     for candidate in (weights, os.environ.get("DIFFBENCH_INCEPTION_WEIGHTS")):
         if candidate:
             path = Path(candidate).expanduser()
+            if path.is_dir():
+                raise BenchError(f"inception weights {str(path)!r} is a folder; give the {INCEPTION_FILE} file")
             if not path.is_file():
                 raise BenchError(f"inception weights file {str(path)!r} does not exist")
             return path
@@ -391,16 +395,17 @@ def reference_stats(
     key = {**key, "extractor": extractor.name, "fingerprint": extractor.fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "fid-stats" / f"{key.get('dataset', 'data')}-{digest}.npz"
-    if path.is_file():
-        features = np.load(path)["features"]
-    else:
+    features = _cached_features(path)
+    if features is None:
         # stored as float32 (the extractors compute in float32, so nothing is lost): a fresh and a cached
         # run give bit-identical statistics
         features = extract_features(extractor, images_fn()).astype(np.float32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, features=features)
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
+                np.savez(handle, features=features)
+
+        atomic_write(path, write)
     own = ReferenceStats.from_features(features, {"stats": "computed", "cache": path.name, "images": len(features)})
     if precomputed is None or extractor.name != InceptionExtractor.name:
         return own
@@ -417,6 +422,23 @@ def reference_stats(
     info = {**own.info, "stats": "clean-fid precomputed", "file": f"{name}_clean_{split}_{resolution}.npz".lower(),
             "kid_reference": "computed", "fid_computed_vs_cleanfid": agreement}
     return ReferenceStats(mu=mu, sigma=sigma, features=own.features, info=info)
+
+
+def _cached_features(path: Path) -> np.ndarray | None:
+    """The cached reference features at ``path``; None when there are none, or (with a warning) when the
+    file is damaged: the caller computes them again and replaces it."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            features = np.asarray(data["features"])
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        warn(f"cached reference statistics {path} are unreadable ({first_line(error)}); computing them again")
+        return None
+    if features.ndim != 2 or len(features) < 2:
+        warn(f"cached reference statistics {path} hold features of shape {features.shape}; computing them again")
+        return None
+    return features
 
 
 def fid_from_features(features: np.ndarray, reference: ReferenceStats) -> float:

@@ -65,12 +65,12 @@ class MachineLock:
 
     def _open(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         return self._fd
 
     def _turnstile(self) -> int:
         if self._turnstile_fd is None:
-            self._turnstile_fd = os.open(self.turnstile_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._turnstile_fd = os.open(self.turnstile_path, os.O_RDWR | os.O_CREAT, 0o666)
         return self._turnstile_fd
 
     def _enter_shared(self) -> None:

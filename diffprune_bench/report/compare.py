@@ -22,6 +22,8 @@ give the Kendall τ between the spaces' orders and the pairs whose significant o
 from __future__ import annotations
 
 import math
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from diffprune_bench.errors import first_line
 from diffprune_bench.report.agreement import SpaceAgreement, agreement
 from diffprune_bench.report.pairwise import TargetComparison, compare_rows
 from diffprune_bench.report.stats import (
@@ -40,6 +43,7 @@ from diffprune_bench.report.stats import (
     paired_fid_delta,
     paired_kid_delta,
 )
+from diffprune_bench.results import warn
 
 #: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
 TARGET_TOLERANCE = 0.02
@@ -108,13 +112,13 @@ class FeatureStore:
     def features(self, path: Any) -> np.ndarray | None:
         key = str(path or "")
         if key not in self._features:
-            self._features[key] = np.load(key).astype(np.float64) if key and Path(key).is_file() else None
+            self._features[key] = _readable(key, "features", lambda: np.load(key).astype(np.float64))
         return self._features[key]
 
     def reference(self, path: Any) -> Reference | None:
         key = str(path or "")
         if key not in self._references:
-            self._references[key] = Reference.load(key) if key and Path(key).is_file() else None
+            self._references[key] = _readable(key, "reference statistics", lambda: Reference.load(key))
         return self._references[key]
 
 
@@ -125,6 +129,19 @@ SPACE_FEATURES, SPACE_REFERENCE, SPACE_FID = "features@", "reference@", "fid@"
 def secondary_spaces(frame: pd.DataFrame) -> list[str]:
     """Names of the further feature spaces whose per-sample features some run of ``frame`` carries."""
     return sorted(c[len(SPACE_FEATURES):] for c in frame.columns if c.startswith(SPACE_FEATURES))
+
+
+def _readable(path: str, what: str, load: Callable[[], Any]) -> Any:
+    """``load()`` of an existing file, or None (a damaged file: one warning line, and the rows it served
+    get no paired interval instead of taking the whole leaderboard down)."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return load()
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, np.linalg.LinAlgError) as error:
+        warn(f"{what} file {path} is unreadable ({first_line(error)}): no paired interval from it; "
+             "rerun the cell that wrote it or delete it")
+        return None
 
 
 def _by_seed(runs: pd.DataFrame, store: FeatureStore, column: str = "features") -> dict[int, np.ndarray]:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from diffprune_bench.errors import BenchError
+from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.report.compare import (
     SPACE_FEATURES,
     SPACE_FID,
@@ -69,6 +70,7 @@ METRIC_COLUMNS = [
     *PRDC_COLUMNS,
 ]
 MEAN_STD_COLUMNS = ("fid", "kid")
+FEATURES_FILE = "features.npy"  # per-sample features beside a record (the harness's FEATURES_NAME)
 FAILED_COLUMNS = ["run_id", "suite", "dataset", "method", "sparsity", "seed", "error"]
 
 
@@ -181,7 +183,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "label": record.get("method_label") or "",
         "base_steps": config.get("base_steps"),
         "train_steps": training.get("optimizer_steps"),
-        "features": _near_record(record, "features", "features.npy"),
+        "features": _near_record(record, "features", FEATURES_FILE),
         "reference_features": _reference_path(record),
         **{name: metrics.get(name) for name in METRIC_COLUMNS if name in metrics},
         "images_seen": training.get("images_seen"),
@@ -384,14 +386,47 @@ def convertible_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     file (a hand-edited ``"sparsity": "half"`` must not take the whole leaderboard down, nor vanish)."""
     usable = []
     for record in records:
+        where = (record.get("paths") or {}).get("record") or record.get("run_id")
+        problem = row_problem(record)
+        if problem is not None:
+            warn_skipped(where, problem)
+            continue
         try:
             _row(record)
         except (TypeError, ValueError, AttributeError) as error:
-            where = (record.get("paths") or {}).get("record") or record.get("run_id")
             warn_skipped(where, f"a field does not convert ({type(error).__name__}: {error})")
             continue
         usable.append(record)
     return usable
+
+
+#: The sections of an ok record a row is made of.
+ROW_SECTIONS = ("config", "protocol", "metrics")
+
+
+def row_problem(record: dict[str, Any]) -> str | None:
+    """Why an ok record cannot be a row (None: it can): a section missing, an FID or KID that is not a
+    finite number (a mean with it would be NaN, or silently over fewer seeds than the row lists), or
+    per-sample features that cannot be read (a truncated ``features.npy``)."""
+    if record.get("status") != "ok":
+        return None
+    missing = [name for name in ROW_SECTIONS if not isinstance(record.get(name), dict)]
+    if missing:
+        return f"an ok record without {' or '.join(missing)}; rerun the cell or delete its run folder"
+    metrics = record["metrics"]
+    for name in ("fid", "kid"):
+        value = metrics.get(name)
+        if name == "kid" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metrics.{name} is {value!r}, not a finite number; rerun the cell or delete its run folder"
+    features = _near_record(record, "features", FEATURES_FILE)
+    if features and Path(features).is_file():
+        try:
+            np.load(features, mmap_mode="r")  # reads the header and checks the size, not the data
+        except (OSError, ValueError, EOFError) as error:
+            return f"features file {features} is unreadable ({first_line(error)}); rerun the cell or delete it"
+    return None
 
 
 def _assign_slugs(groups: list[Group]) -> None:

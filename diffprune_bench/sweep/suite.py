@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffprune_bench.config import RunConfig, config_fields, make_config, yaml_load
+from diffprune_bench.config import RunConfig, config_fields, make_config, read_yaml_file
 from diffprune_bench.errors import BenchError
 from diffprune_bench.registry import create_method, get_method_class
 from diffprune_bench.results import ensure_writable, load_records
@@ -174,15 +174,7 @@ class Suite:
 def load_suite(path: str | Path) -> Suite:
     """Read and validate a suite YAML file (the format is documented in ``benchmarks/digits.yaml``)."""
     path = Path(path)
-    if not path.is_file():
-        raise BenchError(f"suite file {str(path)!r} does not exist")
-    try:
-        data = yaml_load(path.read_text())
-    except Exception as error:  # noqa: BLE001 - any YAML error becomes one line
-        raise BenchError(
-            f"suite file {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}"
-        ) from None
-    return parse_suite(data, source=str(path))
+    return parse_suite(read_yaml_file(path, "suite file"), source=str(path))
 
 
 def parse_suite(data: Any, source: str = "<suite>") -> Suite:
