@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from diffprune_bench.report.raw_features import SampleFeatures
 from diffprune_bench.report.stats import (
     PairedDelta,
     Reference,
@@ -93,11 +94,27 @@ def control_for(row: pd.Series, controls: Controls, base_steps: int | None) -> s
 
 
 class FeatureStore:
-    """Loads per-sample features and reference statistics once per file."""
+    """Loads per-sample features and reference statistics once per file; a run without ``features.npy``
+    gets them recomputed from its ``samples.npz`` (:mod:`diffprune_bench.report.raw_features`)."""
 
     def __init__(self) -> None:
         self._features: dict[str, np.ndarray | None] = {}
         self._references: dict[str, Reference | None] = {}
+        self._from_samples: SampleFeatures | None = None
+
+    def for_run(self, run: pd.Series) -> np.ndarray | None:
+        """The run's features: its features.npy when present, else recomputed from its samples.npz."""
+        path = run.get("features")
+        samples = run.get("samples_uint8")
+        if (path and Path(str(path)).is_file()) or not samples or not Path(str(samples)).is_file():
+            return self.features(path)
+        key = f"samples:{samples}"
+        if key not in self._features:
+            self._from_samples = self._from_samples or SampleFeatures()
+            self._features[key] = self._from_samples.features(samples, str(run.get("extractor")),
+                                                              run.get("extractor_fingerprint"),
+                                                              run.get("num_samples"))
+        return self._features[key]
 
     def features(self, path: Any) -> np.ndarray | None:
         key = str(path or "")
@@ -115,7 +132,7 @@ class FeatureStore:
 def _by_seed(runs: pd.DataFrame, store: FeatureStore) -> dict[int, np.ndarray]:
     found = {}
     for _, run in runs.iterrows():
-        features = store.features(run.get("features"))
+        features = store.for_run(run)
         if features is not None:
             found[int(run["seed"])] = features
     return found
