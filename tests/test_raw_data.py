@@ -49,7 +49,7 @@ def runs(suite_runs, tmp_path):
 
 
 def _render(args: list[str]) -> str:
-    result = CliRunner().invoke(app, ["leaderboard", "--no-plots", "--no-site", *args])
+    result = CliRunner().invoke(app, ["leaderboard", "--no-plots", "--no-site", *args])  # later flags win
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -192,3 +192,15 @@ def test_bad_data_folders_and_empty_suites_are_one_line_errors_that_keep_the_dat
     assert result.exit_code == 2 and "no records of suite 'nosuch'" in result.stderr
     assert _files(data) == before
 
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "results" / "data" / "digits" / "manifest.json").is_file(),
+                    reason="no committed results/data/digits yet (make leaderboard writes it)")
+def test_the_committed_leaderboard_re_renders_from_the_committed_data(tmp_path):
+    _render(["--from-data", str(REPO / "results" / "data" / "digits"), "--out", str(tmp_path), "--plots"])
+    for name in ("leaderboard.md", "leaderboard.csv"):
+        assert (tmp_path / name).read_bytes() == (REPO / "results" / name).read_bytes(), name
