@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install demo test test-slow test-all lint smoke leaderboard site-screenshot regress bench
+.PHONY: install demo test test-slow test-all lint smoke leaderboard rerender site-screenshot regress bench
 
 install: $(STAMP)
 
@@ -35,11 +35,15 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_base.py
 
-# Sweep the digits suite (resumes: cells with an ok record are skipped), then render results/ even when
-# some cells failed (they are listed apart); the exit status still reports the failures.
+# Sweep the digits suite (resumes: cells with an ok record are skipped), then refresh the committed raw data
+# results/data/digits and render results/ from it, even when some cells failed (they are listed apart); the
+# exit status still reports the failures. `make rerender` renders the committed data again, running no model.
 leaderboard: $(STAMP)
 	$(BIN)/diffbench sweep benchmarks/digits.yaml --jobs 2; status=$$?; \
 	$(BIN)/diffbench leaderboard --suite digits && exit $$status
+
+rerender: $(STAMP)
+	$(BIN)/diffbench leaderboard --from-data results/data/digits
 
 # The picture of results/site/index.html the docs show (headless Chromium; fails on a blank page or JS error).
 site-screenshot: $(STAMP)

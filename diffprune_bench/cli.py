@@ -293,15 +293,32 @@ def sweep(
 def leaderboard(
     results_dir: str = typer.Option("results/runs", help="Folder searched (recursively) for records."),
     out: str = typer.Option("results", help="Where leaderboard.md, leaderboard.csv and plots/ are written."),
-    suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable).",
+    suite: list[str] = typer.Option(None, "--suite", help="Only records of this suite name (repeatable); "
+                                    "also writes their raw data to OUT/data/SUITE and renders from it.",
                                     show_default="every suite's records"),
+    from_data: list[str] = typer.Option(None, "--from-data", help="Render from committed raw data (a folder "
+                                        "OUT/data/SUITE, repeatable) instead of run folders; runs no model.",
+                                        show_default="none: the run folders"),
+    data: bool = typer.Option(True, "--data/--no-data", help="With --suite: write OUT/data/SUITE (--no-data: "
+                              "render straight from the run folders)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Also draw results/plots/*.png|svg."),
     site: bool = typer.Option(True, "--site/--no-site", help="Also write the web page results/site/index.html."),
 ) -> None:
     """Render the leaderboard (Markdown + CSV) and plots from every record."""
-    from diffprune_bench.report.leaderboard import write_leaderboard
+    from diffprune_bench.report import raw_data
+    from diffprune_bench.report.leaderboard import write_from_records, write_leaderboard
 
-    written = write_leaderboard(results_dir, out, suites=suite or None, with_plots=plots)
+    folders = [Path(folder) for folder in from_data or []]
+    if not folders and suite and data:
+        for written_data in raw_data.write_data(results_dir, Path(out) / "data", suite):
+            typer.echo(f"data: {written_data.folder} ({written_data.records} records, "
+                       f"{written_data.bytes / 1e6:.1f} MB)")
+            folders.append(written_data.folder)
+        typer.echo(f"data: all tables {raw_data.budget_line(Path(out) / 'data')}")
+    if folders:  # the tables come from the data folders, exactly as a fresh clone renders them
+        written = write_from_records(raw_data.load_data(folders), out, suites=suite or None, with_plots=plots)
+    else:
+        written = write_leaderboard(results_dir, out, suites=suite or None, with_plots=plots)
     board = written["board"]
     plot_files = sum(len(p) for p in written["plots"].values())
     typer.echo(f"{len(board.groups)} table(s) from {board.records} records, "

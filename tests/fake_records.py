@@ -6,6 +6,7 @@ the code under test reads them exactly as it reads real ones.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,39 @@ def save_with_features(records_dir: Path, record: dict[str, Any], shift: float, 
                                                  "density": 1.0 - shift, "coverage": 0.95 - shift / 3, "k": 5}}}
         paths["reference_features_by_extractor"] = by_extractor
     return write_record(run_dir, {**record, "paths": paths})
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_images() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
+
+
+def save_with_samples(records_dir: Path, record: dict[str, Any], shift: float, extractor: Any) -> Path:
+    """Save ``record`` as the harness lays out a run: float samples in [-1, 1] (paired across methods per seed:
+    the same digits, blurred towards noise by ``shift``), their uint8 copy ``samples.npz`` and their
+    ``features.npy`` through the real ``extractor``, plus reference statistics of held-out digits."""
+    import torch
+
+    from diffprune_bench.evaluator import FEATURES_NAME, SAMPLES_NAME, save_samples_uint8
+    from diffprune_bench.results import write_record
+
+    count = int(record["protocol"]["num_samples"])
+    digits = torch.from_numpy(_digit_images()).float().unsqueeze(1) / 8 - 1  # 0..16 -> [-1, 1]
+    picked = np.random.default_rng(record["seed"]).choice(len(digits) - 400, size=count, replace=False)
+    own = np.random.default_rng(abs(hash((record["method"], record["seed"]))) % 2**32)
+    noise = torch.from_numpy(own.normal(size=(count, 1, 8, 8))).float()
+    samples = ((1 - shift) * digits[picked] + shift * noise).clamp(-1.2, 1.2)  # floats, as a sampler returns
+    run_dir = save(records_dir, record).parent
+    np.save(run_dir / FEATURES_NAME, np.asarray(extractor.features(samples), dtype=np.float32))
+    save_samples_uint8(run_dir / SAMPLES_NAME, samples)
+    reference = Path(records_dir) / "reference" / "digits-reference.npz"
+    if not reference.is_file():
+        reference.parent.mkdir(parents=True, exist_ok=True)
+        held_out = extractor.features(digits[-400:])
+        np.savez(reference, mu=held_out.mean(0), sigma=np.cov(held_out, rowvar=False),
+                 features=held_out.astype(np.float32))
+    record = {**record, "paths": {"run_dir": str(run_dir), "samples": str(run_dir / "samples.png"),
+                                  "features": str(run_dir / FEATURES_NAME), "reference_features": str(reference)}}
+    return write_record(run_dir, record)

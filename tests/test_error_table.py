@@ -147,8 +147,8 @@ def _board_lacks_rigl(root: Path) -> None:
 # ---------------------------------------------------------------- callables behind the CLI
 def _corrupt_cached_base(root: Path) -> Callable[[], Any]:
     """A cached base whose weights file is cut short: the run trains it again instead of failing."""
-    from diffprune_bench.data import load_dataset
     from diffprune_bench.base_model import base_cache_key, get_base_model
+    from diffprune_bench.data import load_dataset
 
     cfg = resolve_config(make_config({"device": "cpu", "base_steps": 1, "batch_size": 8,
                                       "results_dir": str(root / "runs"), "cache_dir": str(root / "cache")}))
@@ -394,8 +394,8 @@ def test_atomic_writers_honour_the_umask(tmp_path: Path, umask: int) -> None:
 
 
 def test_cached_base_and_reference_stats_honour_the_umask(tmp_path: Path, umask: int) -> None:
-    from diffprune_bench.data import load_dataset
     from diffprune_bench.base_model import get_base_model
+    from diffprune_bench.data import load_dataset
     from diffprune_bench.metrics.fid import reference_stats
 
     cfg = resolve_config(make_config({"device": "cpu", "base_steps": 1, "batch_size": 8,

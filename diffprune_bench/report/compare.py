@@ -34,6 +34,7 @@ import pandas as pd
 from diffprune_bench.errors import first_line
 from diffprune_bench.report.agreement import SpaceAgreement, agreement
 from diffprune_bench.report.pairwise import TargetComparison, compare_rows
+from diffprune_bench.report.raw_features import SampleFeatures
 from diffprune_bench.report.stats import (
     DrawCache,
     Homogeneity,
@@ -102,12 +103,34 @@ def control_for(row: pd.Series, controls: Controls, base_steps: int | None) -> s
 
 
 class FeatureStore:
-    """Loads per-sample features and reference statistics once per file."""
+    """Loads per-sample features and reference statistics once per file; a run without ``features.npy``
+    gets them recomputed from its ``samples.npz`` (:mod:`diffprune_bench.report.raw_features`)."""
 
     def __init__(self) -> None:
         self._features: dict[str, np.ndarray | None] = {}
         self._references: dict[str, Reference | None] = {}
         self.draws = DrawCache()  # each row's bootstrap FIDs, shared by every comparison it is in
+        self._from_samples: SampleFeatures | None = None
+
+    def for_run(self, run: pd.Series, space: str | None = None) -> np.ndarray | None:
+        """The run's features in its primary space (``space`` None) or in the further space ``space``: the
+        features file beside its record when present, else recomputed from its samples.npz through that
+        space's extractor (checked against the fingerprint the record was scored with)."""
+        if space is None:
+            path, extractor, fingerprint = run.get("features"), run.get("extractor"), run.get("extractor_fingerprint")
+        else:
+            path, extractor, fingerprint = run.get(SPACE_FEATURES + space), space, run.get(SPACE_FINGERPRINT + space)
+        path = path if isinstance(path, str) else None
+        samples = run.get("samples_uint8")
+        samples = samples if isinstance(samples, str) else None
+        if (path and Path(path).is_file()) or not samples or not Path(samples).is_file():
+            return self.features(path)
+        key = f"samples:{samples}:{extractor}"
+        if key not in self._features:
+            self._from_samples = self._from_samples or SampleFeatures()
+            self._features[key] = self._from_samples.features(samples, str(extractor), fingerprint,
+                                                              run.get("num_samples"))
+        return self._features[key]
 
     def features(self, path: Any) -> np.ndarray | None:
         key = str(path or "")
@@ -124,6 +147,8 @@ class FeatureStore:
 
 #: a run column holding the path of another feature space's per-sample features / reference statistics
 SPACE_FEATURES, SPACE_REFERENCE, SPACE_FID = "features@", "reference@", "fid@"
+#: a run column holding the fingerprint of another feature space's extractor (to recompute its features)
+SPACE_FINGERPRINT = "fingerprint@"
 
 
 def secondary_spaces(frame: pd.DataFrame) -> list[str]:
@@ -147,8 +172,10 @@ def _readable(path: str, what: str, load: Callable[[], Any]) -> Any:
 def _by_seed(runs: pd.DataFrame, store: FeatureStore, column: str = "features") -> dict[int, np.ndarray]:
     found = {}
     for _, run in runs.iterrows():
-        value = run.get(column)
-        features = store.features(value if isinstance(value, str) else None)
+        if column == "features":
+            features = store.for_run(run)
+        else:
+            features = store.for_run(run, space=column[len(SPACE_FEATURES):])
         if features is not None:
             found[int(run["seed"])] = features
     return found

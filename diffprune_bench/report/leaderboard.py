@@ -23,6 +23,7 @@ from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.report.compare import (
     SPACE_FEATURES,
     SPACE_FID,
+    SPACE_FINGERPRINT,
     SPACE_REFERENCE,
     TARGET_TOLERANCE,
     FeatureStore,
@@ -142,6 +143,7 @@ def _spaces(record: dict[str, Any]) -> dict[str, Any]:
         found[SPACE_FID + name] = float(values["fid"]) if values.get("fid") is not None else None
         found[SPACE_FEATURES + name] = _near_record(record, "", f"features-{name}.npy")
         found[SPACE_REFERENCE + name] = _moved_reference(references.get(name) or "", paths.get("record"))
+        found[SPACE_FINGERPRINT + name] = values.get("fingerprint")
     prdc = metrics.get("prdc") or {}
     found.update({name: prdc.get(name) for name in PRDC_COLUMNS})
     return found
@@ -184,6 +186,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "base_steps": config.get("base_steps"),
         "train_steps": training.get("optimizer_steps"),
         "features": _near_record(record, "features", FEATURES_FILE),
+        "samples_uint8": _near_record(record, "samples_uint8", "samples.npz"),
         "reference_features": _reference_path(record),
         **{name: metrics.get(name) for name in METRIC_COLUMNS if name in metrics},
         "images_seen": training.get("images_seen"),
@@ -244,11 +247,12 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "base_steps",
         "train_steps",
         "features",
+        "samples_uint8",
         "reference_features",
         "reference_images",
         *METRIC_COLUMNS,
     ]
-    spaces = sorted({key for row in rows for key in row if key.startswith((SPACE_FID, SPACE_FEATURES,
+    spaces = sorted({key for row in rows for key in row if key.startswith((SPACE_FID, SPACE_FEATURES, SPACE_FINGERPRINT,
                                                                                SPACE_REFERENCE))})
     frame = pd.DataFrame(rows, columns=columns + spaces)
     if frame.empty:
@@ -662,9 +666,18 @@ def write_leaderboard(
     """Read every record under ``results_dir`` and write leaderboard.md/.csv (and plots/) to ``out_dir``."""
     if not Path(results_dir).is_dir():  # an empty table would overwrite the committed leaderboard
         raise BenchError(f"results folder {str(results_dir)!r} does not exist; pass the folder holding the "
-                         "run folders with --results-dir")
+                         "run folders with --results-dir, or re-render committed data with --from-data "
+                         "results/data/SUITE")
     out = ensure_writable(out_dir, "the leaderboard", "--out")
     records = load_records(results_dir)  # read once: every unreadable file is warned about once
+    return write_from_records(records, out, suites, with_plots)
+
+
+def write_from_records(records: list[dict[str, Any]], out_dir: str | Path, suites: list[str] | None = None,
+                       with_plots: bool = True) -> dict[str, Any]:
+    """Write leaderboard.md/.csv (and plots/) of ``records`` to ``out_dir`` (records read from run folders or
+    from committed leaderboard data, :mod:`diffprune_bench.report.raw_data`)."""
+    out = ensure_writable(out_dir, "the leaderboard", "--out")
     board = build(records, suites)
     plot_paths: dict[str, list[str]] = {}
     if with_plots:
