@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from diffprune_bench.errors import BenchError
+from diffprune_bench.report.compare import SPACE_REFERENCE
 from diffprune_bench.report.leaderboard import convertible_records, runs_frame
 from diffprune_bench.report.raw_features import read_samples
 from diffprune_bench.results import RECORD_NAME, ensure_writable, load_records, warn
@@ -118,15 +119,28 @@ def _write_run(record: dict[str, Any], run: pd.Series | None, folder: Path) -> N
         if grid is not None:
             shutil.copyfile(grid, run_dir / SAMPLES_PNG)
             paths["samples"] = f"{name}/{SAMPLES_PNG}"
-        reference = _file(run.get("reference_features"))
+        reference = _copy_reference(_file(run.get("reference_features")), folder)
         if reference is not None:
-            copy = folder / REFERENCE_DIR / reference.name
-            if not copy.is_file():
-                copy.parent.mkdir(exist_ok=True)
-                shutil.copyfile(reference, copy)
-            paths["reference_features"] = f"{REFERENCE_DIR}/{reference.name}"
+            paths["reference_features"] = reference
+        by_extractor = {}
+        for column in run.index:  # further feature spaces: their features come from samples.npz too
+            if column.startswith(SPACE_REFERENCE) and (copied := _copy_reference(_file(run.get(column)), folder)):
+                by_extractor[column[len(SPACE_REFERENCE):]] = copied
+        if by_extractor:
+            paths["reference_features_by_extractor"] = by_extractor
     kept = portable({key: value for key, value in record.items() if key != "paths"})
     (run_dir / RECORD_NAME).write_text(json.dumps({**kept, "paths": paths}, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_reference(reference: Path | None, folder: Path) -> str | None:
+    """Copy reference statistics into the data folder once; their path relative to it."""
+    if reference is None:
+        return None
+    copy = folder / REFERENCE_DIR / reference.name
+    if not copy.is_file():
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copyfile(reference, copy)
+    return f"{REFERENCE_DIR}/{reference.name}"
 
 
 def _sha256(path: Path) -> str:
