@@ -251,6 +251,9 @@ def sweep(
                              "(slurm) or jobs (submitit-local).", show_default="local: 1; slurm: no cap"),
     status: bool = typer.Option(False, "--status", help="Show where every cell stands (records); run nothing.",
                                 show_default="off"),
+    seeds: str = typer.Option(None, "--seeds", help="Only these of the suite's seeds, comma-separated (a slice: "
+                              "its records are the suite's, so later slices resume around them).",
+                              show_default="every seed of the suite"),
     executor: str = typer.Option("local", help="local | slurm | submitit-local (submitit jobs on this machine)."),
     partition: str = typer.Option(None, help="SLURM partition.", show_default="the cluster's default"),
     gpus_per_run: int = typer.Option(None, help="GPUs per run: one DDP process each (cluster executors).",
@@ -274,6 +277,8 @@ def sweep(
 
     overrides = _cli_values(results_dir=results_dir, cache_dir=cache_dir, device=device)
     loaded = load_suite(suite)
+    if seeds is not None:
+        loaded = loaded.with_seeds(seed_slice(seeds, loaded.seeds))
     if status:
         from diffprune_bench.sweep.status import format_status, sweep_status
 
@@ -286,6 +291,18 @@ def sweep(
                        cluster=cluster)
     if result.failures:
         raise typer.Exit(code=min(result.failures, 125))
+
+
+def seed_slice(text: str, allowed: list[int]) -> list[int]:
+    """``--seeds 0,2`` as a list of the suite's seeds (a usage error names what the suite has)."""
+    try:
+        picked = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BenchError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+    outside = [seed for seed in picked if seed not in allowed]
+    if not picked or outside:
+        raise BenchError(f"--seeds {text!r}: the suite's seeds are {', '.join(map(str, allowed))}")
+    return sorted(set(picked))
 
 
 @app.command()

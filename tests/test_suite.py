@@ -406,3 +406,20 @@ def test_real_sweep_of_the_dense_baseline_resumes(tmp_path, shared_cache):
     assert record["run_id"] == suite.run_id(Cell("digits", "dense", 0.0, 0))
     second = sweep(suite, {"results_dir": str(tmp_path / "runs")}, progress=False, log=lambda _: None)
     assert len(second.skipped) == 1 and second.completed == []
+
+
+def test_sweep_seeds_runs_a_slice_of_the_suite_and_refuses_unknown_seeds(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from diffprune_bench.cli import app
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: slice\ndatasets: [digits]\nmethods: [dense]\nsparsities: [0.5]\nseeds: [0, 1, 2]\n")
+    runner = CliRunner()
+    listed = runner.invoke(app, ["sweep", str(suite), "--dry-run", "--seeds", "0,2",
+                                 "--results-dir", str(tmp_path)])
+    assert listed.exit_code == 0, listed.output
+    assert "seed=0" in listed.output and "seed=2" in listed.output and "seed=1" not in listed.output
+    for bad in ("3", "a,b", ""):
+        refused = runner.invoke(app, ["sweep", str(suite), "--dry-run", "--seeds", bad])
+        assert refused.exit_code == 2 and "--seeds" in refused.output and "Traceback" not in refused.output
