@@ -34,6 +34,17 @@ from diffprune_bench.report.pairwise import TargetComparison
 from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
 
+#: what a reader may expect when re-running a cell (measured: see the README's "Reproducibility")
+REPRODUCIBILITY_NOTE = (
+    "every run fixes its CPU thread count (digits: 1, the same by hand and in a sweep), so a cell re-run on "
+    "the same machine reproduces its FID bit for bit (`diffbench leaderboard --from-data` re-renders these "
+    "tables from the committed samples without running a model). On another CPU, float reductions differ in "
+    "their last bits and training amplifies them: an independent re-run of the round-2 digits table moved "
+    "per-seed FIDs by up to 0.025 (5.3 %; dense seed 0: 0.470 vs 0.445, magnitude 0.5 seed 0: 0.821 vs "
+    "0.840), less than the seed-to-seed spread of any row; compare tables made on different machines through "
+    "their intervals, not their last digits. The CI regression tolerance, max(3 × seed std, 8 % of the "
+    "mean, 0.03 FID), covers that move"
+)
 #: precision / recall / density / coverage (Naeem et al. 2020) in the primary feature space, as recorded
 PRDC_COLUMNS = ["precision", "recall", "density", "coverage"]
 #: The columns that define a table: rows that differ in any of them are never compared.
@@ -605,6 +616,7 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
         "interval (mean over seeds); an interval containing 1.0 shows as ≈1.0x. Each distinct executed graph "
         "(module shapes and configuration per sampling step, weights aside) is timed once and its measurement "
         "shared by every record that runs it: rows with the same architecture show the same speed-up.",
+        f"- **Reproducibility**: {REPRODUCIBILITY_NOTE}",
         "- **Cost**: images (total) = images the deployed weights have seen (the base's training included for "
         "methods that start from it); extra GMACs = scoring / search passes outside the optimizer steps "
         "(forward + backward, backward counted as 2x forward).",

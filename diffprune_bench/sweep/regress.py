@@ -35,8 +35,10 @@ class Tolerance:
     """How far above the baseline mean a FID may go before it counts as a regression."""
 
     k: float = 3.0  # multiples of the seed-to-seed std
-    floor_rel: float = 0.05  # at least 5 % of the baseline mean
-    floor_abs: float = 0.02  # and at least this many FID points
+    # at least 8 % of the baseline mean and 0.03 FID points: a re-run on another CPU moved per-seed digits
+    # FIDs by up to 5.3 % / 0.025 (float reductions differ in their last bits; training amplifies them)
+    floor_rel: float = 0.08
+    floor_abs: float = 0.03
 
     def of(self, mean: float, std: float) -> float:
         spread = self.k * std if math.isfinite(std) else 0.0
