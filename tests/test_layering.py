@@ -9,6 +9,7 @@ methods share; methods are found by name through the registry at run time, never
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,43 @@ def test_every_layer_exists_and_methods_hold_only_methods() -> None:
     registered_modules = {cls.__module__ for cls in registry.METHODS.values()}
     files = {f"diffprune_bench.methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py") if p.stem != "__init__"}
     assert files <= registered_modules, f"modules in methods/ that register no method: {files - registered_modules}"
+
+
+# ---------------------------------------------------------------- no import cycle inside report/
+def import_cycle(files: dict[str, Path]) -> list[str] | None:
+    """A cycle of imports among the modules ``files`` (dotted name -> file), counting imports inside
+    functions and under ``TYPE_CHECKING`` too; None when every import goes one way.
+
+    ``from package.module import name`` counts as importing ``package.module`` (and the package's
+    ``__init__`` when it is one of ``files``)."""
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for imported in imported_modules(path):
+            owners = [m for m in files if imported == m or imported.startswith(m + ".")]
+            if owners and max(owners, key=len) != name:
+                graph[name].add(max(owners, key=len))  # the module itself, not a name inside it
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as error:
+        return list(error.args[1])
+    return None
+
+
+def package_modules(folder: Path) -> dict[str, Path]:
+    """Dotted name -> file of every module of the package ``folder`` (its ``__init__`` as the package)."""
+    prefix = ".".join(("diffprune_bench", *folder.relative_to(PACKAGE).parts))
+    return {prefix if p.stem == "__init__" else f"{prefix}.{p.stem}": p for p in folder.glob("*.py")}
+
+
+def test_report_modules_import_each_other_one_way() -> None:
+    cycle = import_cycle(package_modules(PACKAGE / "report"))
+    assert cycle is None, f"import cycle in report/: {' -> '.join(cycle or [])}"
+
+
+def test_the_cycle_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("def f():\n    from diffprune_bench.report.b import g\n    return g\n")
+    (tmp_path / "b.py").write_text("from diffprune_bench.report.a import f\n\ng = 1\n")
+    files = {"diffprune_bench.report.a": tmp_path / "a.py", "diffprune_bench.report.b": tmp_path / "b.py"}
+    assert sorted(set(import_cycle(files) or [])) == ["diffprune_bench.report.a", "diffprune_bench.report.b"]
+    (tmp_path / "a.py").write_text("def f():\n    return 1\n")
+    assert import_cycle(files) is None

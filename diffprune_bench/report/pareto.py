@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-if TYPE_CHECKING:
-    from diffprune_bench.report.leaderboard import Leaderboard
+from diffprune_bench.report.board import Leaderboard, row_label
 
 #: What must agree for rows to share a front (NOT the step count, NOT the training budget).
 PROTOCOL_COLUMNS = ["dataset", "extractor", "extractor_fingerprint", "num_samples", "reference_images", "sampler",
@@ -72,8 +71,6 @@ def _fid_errors(row: pd.Series) -> tuple[float, float]:
 
 def points_frame(board: Leaderboard) -> pd.DataFrame:
     """Every aggregated row of every table with its protocol key, x values, FID error bar and front flags."""
-    from diffprune_bench.report.leaderboard import row_label
-
     if not board.groups:
         return pd.DataFrame()
     frame = pd.concat([g.table.assign(table=g.slug) for g in board.groups], ignore_index=True)

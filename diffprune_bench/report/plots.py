@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,10 +18,7 @@ import matplotlib.image as mpimg  # noqa: E402 - the backend must be chosen firs
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from diffprune_bench.report.leaderboard import row_label  # noqa: E402
-
-if TYPE_CHECKING:
-    from diffprune_bench.report.leaderboard import Group, Leaderboard
+from diffprune_bench.report.board import Group, Leaderboard, row_label  # noqa: E402
 
 FORMATS = ("png", "svg")
 GRID_SPARSITY = 0.5

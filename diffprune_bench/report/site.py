@@ -27,7 +27,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
-from diffprune_bench.report.leaderboard import Group, Leaderboard, display_table, row_label
+from diffprune_bench.report.board import Group, Leaderboard, row_label
+from diffprune_bench.report.leaderboard import display_table
 from diffprune_bench.report.pareto import front_mask
 from diffprune_bench.report.stats import STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text
