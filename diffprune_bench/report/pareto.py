@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from diffprune_bench.report import fid_axis
 from diffprune_bench.report.board import Leaderboard, row_label
 
 #: What must agree for rows to share a front (NOT the step count, NOT the training budget).
@@ -169,6 +170,7 @@ def _draw(frame: pd.DataFrame, x: str, x_err: tuple[str, str] | None, front: str
                         textcoords="offset points")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID (mean over seeds, 95 % CI)")
+        fid_axis.apply_to_matplotlib(ax, part["fid_mean"])  # log when outliers would squeeze the other rows
         ax.set_title(protocol_title(part), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
