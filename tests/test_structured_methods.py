@@ -10,6 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from diffprune_bench.diffusion import make_noise_scheduler
+from diffprune_bench.distributed import current
 from diffprune_bench.errors import BenchError
 from diffprune_bench.harness import run
 from diffprune_bench.methods.diff_pruning import accumulate_walk_gradients, informative_timesteps
@@ -67,7 +68,7 @@ def test_informative_timesteps_read_the_curve_lazily() -> None:
 
 def _walk_ctx(loss_fn, batch: int = 2):
     return SimpleNamespace(next_batch=lambda: torch.zeros(batch, 1, 2, 2), generator=torch.Generator().manual_seed(0),
-                           noise_scheduler=make_noise_scheduler(), loss_fn=loss_fn)
+                           noise_scheduler=make_noise_scheduler(), loss_fn=loss_fn, distributed=current())
 
 
 def test_the_walk_accumulates_the_informative_gradients_and_the_crossing_step() -> None:
