@@ -174,7 +174,7 @@ def test_taylor_scores_the_gradient_summed_over_every_timestep_of_one_fixed_batc
     data = torch.Generator().manual_seed(1)
     ctx = SimpleNamespace(
         next_batch=lambda: torch.randn(3, 1, 8, 8, generator=data), generator=torch.Generator().manual_seed(2),
-        noise_scheduler=scheduler, count_macs=lambda _m: 1000.0, batch_size=3,
+        noise_scheduler=scheduler, count_macs=lambda _m: 1000.0, batch_size=3, distributed=current(),
         loss_fn=lambda m, x0, **kw: diffusion_loss(m, x0, scheduler, **kw))
     method = create_method("taylor", {"walk_batch": 4})
     importance = method.importance(model, ctx)
