@@ -206,13 +206,14 @@ def macs(
     method: str = typer.Option(None, "--method", "-m", help="Structured method: prune the preset and compare."),
     sparsity: float = typer.Option(0.5, help="With --method: fraction of MACs to remove."),
     param: list[str] = typer.Option(None, "--param", "-p",
-                                    help="With --method: name=value (e.g. max_timesteps=20 for a short walk)."),
-    device: str = typer.Option("cpu", help="With --method: device of the (random-data) gradient pass."),
+                                    help="With --method: name=value, validated (tolerance=... changes the sizing; "
+                                    "scoring parameters never change the widths)."),
+    device: str = typer.Option("cpu", help="With --method: device the preset is sized on."),
 ) -> None:
     """Print MACs (fvcore, batch 1, one UNet forward) and params of a preset, by operator family.
 
-    With --method, prune a fresh preset (random images feed gradient criteria; widths depend only on
-    the MAC target) and print dense vs pruned.
+    With --method, size a fresh preset at the MAC target and print dense vs pruned: the widths depend
+    only on the MAC target, so the method's scoring pass (e.g. Diff-Pruning's timestep walk) is not run.
     """
     from diffprune_bench.data import get_dataset_spec  # noqa: F401 - registers datasets
     from diffprune_bench.metrics.macs import COUNTER, count_macs

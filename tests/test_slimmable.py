@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -96,26 +95,14 @@ def test_each_width_runs_the_expected_channel_counts(slim: nn.Module, width: flo
     assert shapes["up_blocks.0.resnets.0.conv1"][0] == expected_cat
 
 
-def test_macs_and_latency_drop_with_width(slim: nn.Module) -> None:
+def test_macs_and_params_in_use_drop_with_width(slim: nn.Module) -> None:
+    """Each narrower width runs a smaller graph (its speed on this machine: benchmarks/bench_slimmable.py)."""
     macs = [count_macs(WidthView(slim, w), SHAPE).total for w in WIDTHS]
     assert macs == sorted(macs, reverse=True) and len(set(macs)) == len(WIDTHS)
     assert macs[0] == count_macs(slim, SHAPE).total  # width 1.0 is the dense graph
     assert macs[-1] < 0.15 * macs[0]  # width 0.25: about (1/4)^2 of the conv MACs
-    x = torch.randn(64, *SHAPE)
-    t = torch.full((64,), 500)
-
-    def best_time(width: float) -> float:
-        view = WidthView(slim, width)
-        times = []
-        with torch.no_grad():
-            view(x, t)
-            for _ in range(5):
-                began = time.perf_counter()
-                view(x, t)
-                times.append(time.perf_counter() - began)
-        return min(times)
-
-    assert best_time(0.25) < best_time(1.0)
+    weights = [sum(inp * out for inp, out in _conv_shapes(slim, w).values()) for w in WIDTHS]
+    assert weights == sorted(weights, reverse=True) and len(set(weights)) == len(WIDTHS)
 
 
 def test_attention_heads_are_sliced_consistently(slim: nn.Module) -> None:

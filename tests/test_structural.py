@@ -235,3 +235,48 @@ def test_macs_command_rejects_an_unstructured_method() -> None:
 
     result = CliRunner().invoke(app, ["macs", "--preset", "tiny", "--method", "dense", "--sparsity", "0.5"])
     assert result.exit_code == 2 and "structured" in result.output
+
+
+def test_macs_command_sizes_diff_pruning_without_its_walk(monkeypatch) -> None:
+    """The widths depend only on the MAC target: the command never runs the timestep walk, shows each
+    stage of its sizing, and its sizes are exactly those of the whole method (walk included)."""
+    from typer.testing import CliRunner
+
+    from diffprune_bench.cli import app
+    from diffprune_bench.methods import diff_pruning
+    from diffprune_bench.toolkit.structural import preset_report, prune_preset
+
+    _, full = prune_preset("tiny", "diff-pruning", 0.5, {"max_timesteps": 3, "walk_batch": 2})
+    assert full.info["timesteps_used"] == 3  # the whole method did walk
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("the timestep walk ran")
+
+    sized: list[preset_report.SizedPreset] = []
+    size_preset = preset_report.size_preset
+    monkeypatch.setattr(diff_pruning, "accumulate_walk_gradients", no_walk)
+    monkeypatch.setattr(preset_report, "size_preset", lambda *a, **k: sized.append(size_preset(*a, **k)) or sized[-1])
+    result = CliRunner().invoke(app, ["macs", "--preset", "tiny", "--method", "diff-pruning", "--sparsity", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "diff-pruning's scoring pass is not run" in result.stdout
+    (model,) = sized
+    assert model.pruned_macs.total == count_macs(full.model, (1, 8, 8)).total
+    assert {k: v.shape for k, v in model.pruned.state_dict().items()} == \
+        {k: v.shape for k, v in full.model.state_dict().items()}
+    assert model.info["macs_reduction_achieved"] == full.info["macs_reduction_achieved"]
+    row = next(line for line in result.stdout.splitlines() if line.strip().startswith("MACs (G)"))
+    assert float(row.split()[-1]) == pytest.approx(model.pruned_macs.total / model.dense_macs.total, abs=1e-3)
+    stages = [line for line in result.stderr.splitlines() if line.startswith("sizing tiny at 0.5")]
+    assert [line.split(": ")[1].split()[0] for line in stages] == ["1/4", "2/4", "3/4", "4/4"]
+    assert [line.rsplit(", ", 1)[1] for line in stages] == list(preset_report.SIZING_STAGES)
+
+
+def test_macs_command_refuses_what_it_cannot_size() -> None:
+    from typer.testing import CliRunner
+
+    from diffprune_bench.cli import app
+
+    for args, expected in ((["--sparsity", "1.0"], "outside [0, 1)"),
+                           (["-p", "granularity=weight"], "granularity 'weight'")):
+        result = CliRunner().invoke(app, ["macs", "--preset", "tiny", "--method", "gradflow", *args])
+        assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output

@@ -10,6 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from diffprune_bench.diffusion import make_noise_scheduler
+from diffprune_bench.distributed import current
 from diffprune_bench.errors import BenchError
 from diffprune_bench.harness import run
 from diffprune_bench.methods.diff_pruning import accumulate_walk_gradients, informative_timesteps
@@ -67,7 +68,7 @@ def test_informative_timesteps_read_the_curve_lazily() -> None:
 
 def _walk_ctx(loss_fn, batch: int = 2):
     return SimpleNamespace(next_batch=lambda: torch.zeros(batch, 1, 2, 2), generator=torch.Generator().manual_seed(0),
-                           noise_scheduler=make_noise_scheduler(), loss_fn=loss_fn)
+                           noise_scheduler=make_noise_scheduler(), loss_fn=loss_fn, distributed=current())
 
 
 def test_the_walk_accumulates_the_informative_gradients_and_the_crossing_step() -> None:
@@ -173,7 +174,7 @@ def test_taylor_scores_the_gradient_summed_over_every_timestep_of_one_fixed_batc
     data = torch.Generator().manual_seed(1)
     ctx = SimpleNamespace(
         next_batch=lambda: torch.randn(3, 1, 8, 8, generator=data), generator=torch.Generator().manual_seed(2),
-        noise_scheduler=scheduler, count_macs=lambda _m: 1000.0, batch_size=3,
+        noise_scheduler=scheduler, count_macs=lambda _m: 1000.0, batch_size=3, distributed=current(),
         loss_fn=lambda m, x0, **kw: diffusion_loss(m, x0, scheduler, **kw))
     method = create_method("taylor", {"walk_batch": 4})
     importance = method.importance(model, ctx)

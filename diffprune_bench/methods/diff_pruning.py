@@ -23,6 +23,7 @@ from torch import nn
 
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
+from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import register_method
 from diffprune_bench.toolkit.compute import ExtraCompute
 from diffprune_bench.toolkit.structural import StructuredParams, StructuredPruningMethod, taylor_importance
@@ -106,17 +107,22 @@ def accumulate_walk_gradients(
     model.zero_grad(set_to_none=True)
     window = InformativeWindow(threshold)
     losses: list[float] = []
-    for t in range(steps):
-        timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-        loss = ctx.loss_fn(model, x0, timesteps=timesteps, noise=noise)
-        value = float(loss.detach())
-        inside = window.accept(value)
-        if not inside and not crossing_step:
-            break
-        loss.backward()  # before the test's verdict ends the walk, as the reference does
-        losses.append(value)
-        if not inside:
-            break
+    # up to T forward + backward passes of the whole batch: minutes to hours on a CPU, so it shows progress
+    bar = progress_bar(total=steps, desc=f"timestep walk ({walk_batch} images)", unit="step", leave=False,
+                       disable=not ctx.distributed.is_main)
+    with bar:
+        for t in range(steps):
+            timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+            loss = ctx.loss_fn(model, x0, timesteps=timesteps, noise=noise)
+            value = float(loss.detach())
+            inside = window.accept(value)
+            if not inside and not crossing_step:
+                break
+            loss.backward()  # before the test's verdict ends the walk, as the reference does
+            losses.append(value)
+            bar.update()
+            if not inside:
+                break
     model.train(was_training)
     return losses
 

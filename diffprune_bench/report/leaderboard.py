@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from diffprune_bench.errors import BenchError, first_line
+from diffprune_bench.report import pareto
+from diffprune_bench.report.board import Group, Leaderboard, row_label
 from diffprune_bench.report.compare import (
     SPACE_FEATURES,
     SPACE_FID,
@@ -27,10 +28,8 @@ from diffprune_bench.report.compare import (
     SPACE_REFERENCE,
     TARGET_TOLERANCE,
     FeatureStore,
-    TableStatistics,
     add_comparisons,
 )
-from diffprune_bench.report.pairwise import TargetComparison
 from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
 
@@ -343,34 +342,6 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-@dataclass
-class Group:
-    """One table: rows that share dataset, protocol and budget."""
-
-    key: dict[str, Any]
-    table: pd.DataFrame
-    runs: pd.DataFrame
-    slug: str
-    stats: TableStatistics = field(default_factory=TableStatistics)
-
-    def title(self) -> str:
-        k = self.key
-        fingerprint = str(k["extractor_fingerprint"] or "")[:8]
-        precision = "" if k["sampler_precision"] == "fp32" else f", {k['sampler_precision']}"
-        return (
-            f"{k['dataset']}: {k['extractor']} FID ({fingerprint}), N={k['num_samples']}, "
-            f"{str(k['sampler']).upper()} {k['sample_steps']} steps ({k['timestep_spacing']}{precision}); "
-            f"{k['budget']}"
-        )
-
-
-@dataclass
-class Leaderboard:
-    groups: list[Group]
-    failed: pd.DataFrame
-    records: int
-
-
 def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Leaderboard:
     """Group and aggregate ``records`` (only those of ``suites`` when given)."""
     if suites:
@@ -475,20 +446,6 @@ def _mean_std(mean: Any, std: Any, spec: str) -> str:
     return text
 
 
-def row_label(row: pd.Series) -> str:
-    """``sparsedm [1:4] (trained 0.5)``: the variant, and the training target where it differs; a
-    composed row names its sampler-level part (``diff-pruning + deepcache``)."""
-    label = str(row.get("label") or "") or str(row["method"])
-    if isinstance(row.get("label"), float):  # NaN from an old record
-        label = str(row["method"])
-    label += f" [{row['variant']}]" if row["variant"] else ""
-    if row.get("then"):
-        label += f" + {row['then']}"
-    if not math.isclose(float(row["sparsity"]), float(row["trained_sparsity"]), abs_tol=1e-4):
-        label += f" (trained {float(row['trained_sparsity']):g})"
-    return label
-
-
 def _interval(mean: Any, low: Any, high: Any, spec: str) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
@@ -578,11 +535,6 @@ def group_notes(group: Group) -> list[str]:
         notes.append(f"Second feature space {name} against {group.key['extractor']} (a flip a < b: a significantly "
                      f"better in {group.key['extractor']}, significantly worse in {name}): {text}.")
     return notes
-
-
-def pairwise_of(group: Group) -> list[TargetComparison]:
-    """The pairwise comparisons of a table (primary space) with at least one compared pair, by target."""
-    return [c for _, c in sorted(group.stats.targets.items()) if c.deltas]
 
 
 def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = None) -> str:
@@ -693,12 +645,10 @@ def write_from_records(records: list[dict[str, Any]], out_dir: str | Path, suite
     board = build(records, suites)
     plot_paths: dict[str, list[str]] = {}
     if with_plots:
-        from diffprune_bench.report.plots import write_plots
+        from diffprune_bench.report.plots import write_plots  # matplotlib only where plots are drawn
 
         for slug, paths in write_plots(board, out / "plots").items():
             plot_paths[slug] = [str(Path(p).relative_to(out)) for p in paths]
-    from diffprune_bench.report import pareto
-
     pareto_plots = [str(p.relative_to(out)) for p in pareto.write_plots(board, out / "plots")] if with_plots else []
     markdown, csv = out / "leaderboard.md", out / "leaderboard.csv"
     text = render_markdown(board, plot_paths) + "\n" + pareto.markdown_section(board, pareto_plots)

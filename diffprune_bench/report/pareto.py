@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-if TYPE_CHECKING:
-    from diffprune_bench.report.leaderboard import Leaderboard
+from diffprune_bench.report import fid_axis
+from diffprune_bench.report.board import Leaderboard, row_label
 
 #: What must agree for rows to share a front (NOT the step count, NOT the training budget).
 PROTOCOL_COLUMNS = ["dataset", "extractor", "extractor_fingerprint", "num_samples", "reference_images", "sampler",
@@ -72,8 +72,6 @@ def _fid_errors(row: pd.Series) -> tuple[float, float]:
 
 def points_frame(board: Leaderboard) -> pd.DataFrame:
     """Every aggregated row of every table with its protocol key, x values, FID error bar and front flags."""
-    from diffprune_bench.report.leaderboard import row_label
-
     if not board.groups:
         return pd.DataFrame()
     frame = pd.concat([g.table.assign(table=g.slug) for g in board.groups], ignore_index=True)
@@ -172,6 +170,7 @@ def _draw(frame: pd.DataFrame, x: str, x_err: tuple[str, str] | None, front: str
                         textcoords="offset points")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID (mean over seeds, 95 % CI)")
+        fid_axis.apply_to_matplotlib(ax, part["fid_mean"])  # log when outliers would squeeze the other rows
         ax.set_title(protocol_title(part), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

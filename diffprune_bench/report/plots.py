@@ -22,11 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from diffprune_bench.report.leaderboard import pairwise_of, row_label  # noqa: E402
+from diffprune_bench.report import fid_axis  # noqa: E402
+from diffprune_bench.report.board import Group, Leaderboard, pairwise_of, row_label  # noqa: E402
 from diffprune_bench.report.pairwise import ALPHA  # noqa: E402
 
 if TYPE_CHECKING:
-    from diffprune_bench.report.leaderboard import Group, Leaderboard
     from diffprune_bench.report.pairwise import TargetComparison
 
 FORMATS = ("png", "svg")
@@ -62,7 +62,8 @@ def _dense_line(ax: plt.Axes, dense: pd.DataFrame) -> None:
 def fid_curve(group: Group, x: str, xlabel: str, scale: float = 1.0) -> plt.Figure:
     """FID (mean ± std over seeds) against column ``x``: one solid line per method through the rows
     evaluated as trained; a method whose training run also yields other inference variants (SparseDM's
-    N:M patterns) adds a dashed line per training target through that run's variants."""
+    N:M patterns) adds a dashed line per training target through that run's variants. The FID axis is
+    logarithmic when the drawn FIDs span a factor of ten or more (:mod:`report.fid_axis`)."""
     table = group.table.dropna(subset=["fid_mean"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _dense_line(ax, table[table["is_baseline"]])
@@ -89,6 +90,8 @@ def fid_curve(group: Group, x: str, xlabel: str, scale: float = 1.0) -> plt.Figu
         )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"FID ({group.key['extractor']}, N={group.key['num_samples']})")
+    drawn = pd.concat([table.loc[table["is_baseline"], "fid_mean"], methods["fid_mean"]])
+    fid_axis.apply_to_matplotlib(ax, drawn)  # log when outliers would squeeze the other rows
     ax.set_title(group.title(), fontsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)

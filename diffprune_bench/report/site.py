@@ -27,7 +27,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
-from diffprune_bench.report.leaderboard import Group, Leaderboard, display_table, group_notes, pairwise_of, row_label
+from diffprune_bench.report import fid_axis
+from diffprune_bench.report.board import Group, Leaderboard, pairwise_of, row_label
+from diffprune_bench.report.leaderboard import display_table, group_notes
 from diffprune_bench.report.pairwise import ALPHA
 from diffprune_bench.report.pareto import front_mask
 from diffprune_bench.report.plots import pairwise_matrix
@@ -148,7 +150,8 @@ def _hover(row: pd.Series) -> str:
 def pareto_chart(group: Group, x: str, title: str, xlabel: str, x_low: str | None = None,
                  x_high: str | None = None, transform=None) -> go.Figure | None:
     """FID against cost column ``x`` (both minimised): one marker trace per method, FID's seed std as
-    vertical error bars, the cost's interval as horizontal ones, the non-dominated front as a line."""
+    vertical error bars, the cost's interval as horizontal ones, the non-dominated front as a line; a log
+    FID axis when the FIDs span a factor of ten or more (:mod:`report.fid_axis`)."""
     table = group.table
     if x not in table.columns or "fid_mean" not in table.columns:
         return None
@@ -188,6 +191,8 @@ def pareto_chart(group: Group, x: str, title: str, xlabel: str, x_low: str | Non
                       yaxis_title=f"FID ({group.key['extractor']}, N={group.key['num_samples']})",
                       template="plotly_white", height=520, margin={"l": 60, "r": 20, "t": 50, "b": 50},
                       legend={"groupclick": "toggleitem", "tracegroupgap": 4, "font": {"size": 11}})
+    if fid_axis.fid_axis_scale(points["fid_mean"]) == "log":  # outliers would squeeze the other rows
+        fig.update_yaxes(type="log", title_text=fig.layout.yaxis.title.text + fid_axis.LOG_NOTE)
     return fig
 
 

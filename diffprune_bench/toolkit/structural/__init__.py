@@ -66,7 +66,7 @@ from diffprune_bench.toolkit.structural.plan import (
     search_channel_plan,
     units_removed,
 )
-from diffprune_bench.toolkit.structural.preset_report import prune_preset, prune_preset_report
+from diffprune_bench.toolkit.structural.preset_report import prune_preset, prune_preset_report, size_preset
 from diffprune_bench.toolkit.structural.pruned_unet import PrunedUNet2DModel, as_pruned_unet, skeleton_widths
 from diffprune_bench.toolkit.structural.pruner import GroupSpec, UNetPruner, mac_target_plan, prune_to_mac_target
 
@@ -95,6 +95,7 @@ __all__ = [
     "preserve_attention_temperature",
     "prune_preset",
     "prune_preset_report",
+    "size_preset",
     "prune_to_mac_target",
     "random_batches",
     "resize_layers",
