@@ -33,7 +33,7 @@ from diffprune_bench.export import export_pipeline
 from diffprune_bench.metrics.fid import resolve_inception_weights
 from diffprune_bench.metrics.latency import MachineLock
 from diffprune_bench.models import build_model, check_data_fits
-from diffprune_bench.preflight import check_batch_fits, check_before_work
+from diffprune_bench.preflight import check_batch_fits, check_before_work, warn_few_samples
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable, Method, create_method
 from diffprune_bench.results import (
@@ -150,6 +150,8 @@ def _run_validated(cfg: RunConfig) -> list[dict[str, Any]]:
         if refusal is not None:
             raise BenchError(refusal)
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
+    if dist.is_main:
+        warn_few_samples(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         write_config(run_dir, cfg.to_dict())

@@ -23,11 +23,10 @@ FEATURE_DIMS = {"digits-net": 64, "inception-v3": 2048}
 
 
 def check_before_work(cfg: RunConfig) -> None:
-    """Every refusal that needs the resolved configuration, in the order a user would fix them."""
+    """Every refusal that needs the resolved configuration (warnings come once the run goes ahead)."""
     check_finished_run(cfg)
     check_sample_steps(cfg)
     check_batch_fits(cfg, TRAIN_IMAGES.get(cfg.dataset, 0))
-    warn_few_samples(cfg)
 
 
 def finished_record(run_dir: Path) -> dict | None:
