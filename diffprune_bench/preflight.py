@@ -67,8 +67,8 @@ def check_batch_fits(cfg: RunConfig, train_images: int) -> None:
     """A batch the training set cannot fill is refused (``train_images`` 0: unknown, checked once
     the data is loaded): it used to be cut to the data's size while the record kept the requested one."""
     if train_images and cfg.batch_size is not None and cfg.batch_size > train_images:
-        raise BenchError(f"batch-size {cfg.batch_size} is larger than {cfg.dataset}'s {train_images} training "
-                         f"images; use at most {train_images}")
+        raise BenchError(f"batch-size {cfg.batch_size} is larger than the {train_images} training images of "
+                         f"{cfg.dataset}; use at most {train_images}")
 
 
 def warn_few_samples(cfg: RunConfig) -> None:
