@@ -150,10 +150,9 @@ def _run_validated(cfg: RunConfig) -> list[dict[str, Any]]:
         if refusal is not None:
             raise BenchError(refusal)
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
-    if dist.is_main:
-        warn_few_samples(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
+        warn_few_samples(cfg)  # the run goes ahead: say once that few samples bias its FID
         write_config(run_dir, cfg.to_dict())
     record: dict[str, Any] = {
         "run_id": run_id,
