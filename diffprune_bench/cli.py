@@ -7,6 +7,7 @@ that fails after it started prints one line, leaves a failed record, and exits w
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -122,6 +123,9 @@ def run(
                                show_default="time-dataset-method-sparsity-seed"),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from the run's checkpoint.",
                                 show_default=run_default("resume")),
+    replace: bool = typer.Option(None, "--replace/--no-replace", help="Let --run-id name a finished run and "
+                                 "overwrite it (refused otherwise, so no result is lost by accident).",
+                                 show_default="no-replace"),
     checkpoint_every: str = typer.Option(None, help="Training checkpoint every N steps (500) or every duration "
                                          "(90s, 5m).", show_default="500 steps or 60 s, whichever comes first"),
     param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter name=value (repeatable).",
@@ -145,7 +149,7 @@ def run(
         batch_size=batch_size, lr=lr, ema_decay=ema_decay, precision=precision, sample_steps=sample_steps,
         timestep_spacing=timestep_spacing, num_samples=num_samples, fid_extractor=fid_extractor,
         inception_weights=inception_weights, latency_repeats=latency_repeats, latency_batch=latency_batch,
-        results_dir=results_dir, cache_dir=cache_dir, run_id=run_id, resume=resume,
+        results_dir=results_dir, cache_dir=cache_dir, run_id=run_id, resume=resume, replace_existing=replace,
     ))
     if param:
         values["method_params"] = {**values.get("method_params", {}), **parse_param_overrides(param)}
@@ -162,6 +166,9 @@ def run(
         records = run_harness(cfg)
     except BenchError:
         raise
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: say where the checkpoint is and how to go on
+        typer.echo(interrupted_message(interrupt, sys.argv[1:]), err=True)
+        raise typer.Exit(code=130) from None
     except Exception as error:  # noqa: BLE001 - the record holds the traceback
         written = getattr(error, "failed_record", None)
         where = f"failed record: {written}" if written else "no record could be written"
@@ -172,6 +179,36 @@ def run(
 
     if records:  # on several processes only rank 0 evaluates and returns records
         typer.echo(summary_table(records))
+
+
+RUN_ID_OPTIONS = ("--run-id", "--resume", "--no-resume")
+
+
+def resume_command(argv: list[str], run_id: str) -> str:
+    """The command line that continues this run: the same options, ``--run-id <id> --resume``."""
+    kept: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--run-id":
+            skip = True
+        elif token not in RUN_ID_OPTIONS and not token.startswith("--run-id="):
+            kept.append(token)
+    if not kept or kept[0] != "run":
+        kept.insert(0, "run")
+    return shlex.join(["diffbench", *kept, "--run-id", run_id, "--resume"])
+
+
+def interrupted_message(interrupt: KeyboardInterrupt, argv: list[str]) -> str:
+    """One line for a Ctrl-C: where training's checkpoint is and the exact command to resume from it."""
+    checkpoint = getattr(interrupt, "checkpoint", None)
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return "interrupted: no training checkpoint to resume from; run the same command again"
+    run_id = Path(checkpoint).parent.parent.name  # <results-dir>/<run-id>/checkpoint/<file>
+    step, total = getattr(interrupt, "step", "?"), getattr(interrupt, "total", "?")
+    return (f"interrupted at training step {step} of {total}: checkpoint {checkpoint}; resume with: "
+            f"{resume_command(argv, run_id)}")
 
 
 @app.command()

@@ -79,6 +79,27 @@ def yaml_load(text: str) -> Any:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**63 - 1
+#: a run id is one folder name under --results-dir: no separators, no "..", nothing a shell would mangle
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._+-]+")
+
+
+def check_run_id(run_id: str | None) -> None:
+    """Refuse a run id that would leave ``--results-dir`` (``../x``, ``/abs``, ``a/b``) or is not a plain name."""
+    if run_id is None:
+        return
+    if not RUN_ID_PATTERN.fullmatch(run_id) or run_id in (".", ".."):
+        raise BenchError(f"run-id {run_id!r} must be one folder name of letters, digits and '._+-' "
+                         "(no path separators, not '.' or '..', not empty)")
+
+
+def check_target_given(method_cls: type, sparsity: float) -> None:
+    """A method that compresses to a target must be given one: run at sparsity 0 it would land on the
+    leaderboard as a row that compresses nothing. Controls and sampler-level methods (whose target may
+    come from their parameters, checked by their own ``validate``) are exempt."""
+    if method_cls.takes_sparsity and not method_cls.is_baseline and not method_cls.sampler_level \
+            and float(sparsity) == 0.0:
+        raise BenchError(f"method {method_cls.name!r} needs a target: give --sparsity S with S in (0, 1)")
 SPACINGS = ("leading", "trailing", "linspace", "quad")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -127,6 +148,8 @@ class RunConfig:
     cache_dir: str = ".diffbench-cache"
     run_id: str | None = None
     resume: bool = False
+    # a run id naming a finished (ok) run is refused unless this is set: results are never lost by accident
+    replace_existing: bool = False
     checkpoint_every: int = 500  # optimizer steps between training checkpoints
     checkpoint_every_s: float = 60.0  # and at most this many seconds between them (0: steps only)
     suite: str | None = None  # name of the suite a sweep ran this cell for (recorded; None for single runs)
@@ -167,8 +190,12 @@ class RunConfig:
             raise BenchError(f"threads {self.threads!r} must be a positive integer")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise BenchError(f"num-workers {self.num_workers!r} must be a non-negative integer")
-        if self.seed < 0:
-            raise BenchError(f"seed {self.seed!r} must be a non-negative integer")
+        if not 0 <= self.seed <= MAX_SEED:  # torch.manual_seed and numpy take at most a signed 64-bit seed
+            raise BenchError(f"seed {self.seed!r} must be an integer in [0, {MAX_SEED}] (2**63 - 1)")
+        if self.num_samples is not None and self.num_samples < 2:
+            raise BenchError(f"num-samples {self.num_samples!r} is too few: FID's covariance needs at least 2 "
+                             "samples (the protocol's defaults use 1000 or more)")
+        check_run_id(self.run_id)
         if not self.checkpoint_every_s >= 0:
             raise BenchError(f"checkpoint-every-s {self.checkpoint_every_s!r} must be a non-negative number of seconds")
         if self.sample_steps == 0:
@@ -196,11 +223,12 @@ class RunConfig:
             raise BenchError(f"method_params {self.method_params!r} must be a mapping")
         create_method(self.method, self.method_params, sparsity=self.sparsity)  # every method check, before any work
         self._validate_then()
+        check_target_given(get_method_class(self.method), self.sparsity)
         return self
 
     def _validate_then(self) -> None:
         """``then`` must name a sampler-level method, and ``then_params`` be its parameters."""
-        from diffprune_bench.registry import build_params, get_method_class, method_names
+        from diffprune_bench.registry import create_method, get_method_class, method_names
 
         if not isinstance(self.then_params, dict):
             raise BenchError(f"then_params {self.then_params!r} must be a mapping")
@@ -213,8 +241,8 @@ class RunConfig:
             raise BenchError(f"--then {self.then!r} is not a sampler-level method; allowed: {', '.join(sampler_level)}")
         if get_method_class(self.method).sampler_level:
             raise BenchError(f"--then follows a trained method, not the sampler-level {self.method!r}")
-        try:
-            build_params(get_method_class(self.then), self.then_params)
+        try:  # the sampler method's own checks (ranges, a target), before any model is built
+            create_method(self.then, self.then_params, sparsity=0.0)  # its target comes from then_params
         except TypeError as error:
             raise BenchError(f"then-param: {error}") from None
 
@@ -266,6 +294,7 @@ RESUME_HARMLESS = (
     "checkpoint_every_s",
     "latency_repeats",
     "share_training",
+    "replace_existing",
     "resume",
     "run_id",
 )

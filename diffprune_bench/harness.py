@@ -33,6 +33,7 @@ from diffprune_bench.export import export_pipeline
 from diffprune_bench.metrics.fid import resolve_inception_weights
 from diffprune_bench.metrics.latency import MachineLock
 from diffprune_bench.models import build_model, check_data_fits
+from diffprune_bench.preflight import check_batch_fits, check_before_work, warn_few_samples
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable, Method, create_method
 from diffprune_bench.results import (
@@ -45,6 +46,7 @@ from diffprune_bench.results import (
     write_record,
 )
 from diffprune_bench.rundir import claim_run_dir
+from diffprune_bench.targets import target_report
 from diffprune_bench.trained_cache import entry_path, load_trained, store_trained
 from diffprune_bench.trainer import Trainer
 
@@ -114,6 +116,7 @@ def check_resume(cfg: RunConfig) -> None:
 def run(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run one (method, dataset, sparsity, seed) cell; returns its record(s), also written to disk."""
     cfg = resolve_config(cfg.validate())
+    check_before_work(cfg)  # sizes, the schedule, a finished run under this id: refused before any work
     with fixed_threads(cfg.threads):
         return _run_validated(cfg)
 
@@ -149,6 +152,7 @@ def _run_validated(cfg: RunConfig) -> list[dict[str, Any]]:
     claim = claim_run_dir(run_dir, dist)  # one writer per run folder (RunDirBusy otherwise), rank 0 only
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
+        warn_few_samples(cfg)  # the run goes ahead: say once that few samples bias its FID
         write_config(run_dir, cfg.to_dict())
     record: dict[str, Any] = {
         "run_id": run_id,
@@ -196,6 +200,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     with dist.main_process_first():  # one download; the other ranks then read what it wrote
         data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, resolution=cfg.resolution)
     check_data_fits(cfg.preset, data.shape)
+    check_batch_fits(cfg, len(data.train))  # datasets whose size preflight could not know (image folders)
     if cfg.fid_extractor == "inception-v3":  # missing weights fail now, not after hours of training
         resolve_inception_weights(cfg.inception_weights, cfg.cache_dir)
     record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
@@ -237,17 +242,19 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
         target_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         metrics = evaluator.evaluate(deployable, method.is_baseline, target_dir)
+        requested = deployable.sparsity if deployable.sparsity is not None else cfg.sparsity
         variant = dict(record)
         variant.update(
             run_id=target_dir.name,
             train_run_id=run_dir.name,
             variant=deployable.label or None,
-            sparsity=deployable.sparsity if deployable.sparsity is not None else cfg.sparsity,
+            sparsity=requested,
             status="ok",
             finished_at=utc_now(),
             training=train_cost,
             method_info=deployable.info,
             metrics=metrics,
+            target=target_report(requested, metrics.get("macs_reduction")),  # requested vs realised saving
             eval_wall_s=round(time.perf_counter() - started, 3),
             paths={"run_dir": str(target_dir), "samples": str(target_dir / "samples.png"),
                    "features": str(target_dir / FEATURES_NAME), "samples_uint8": str(target_dir / SAMPLES_NAME),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,42 @@ clock = time.monotonic  # what checkpoint timing reads (tests replace it to play
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run is recorded as failed with this message."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training, after the step in progress finished and was checkpointed.
+
+    A ``KeyboardInterrupt``: the harness writes no failed record, so the folder stays resumable (a sweep
+    resumes it; ``diffbench run --run-id <id> --resume`` too). ``checkpoint`` is where the state is (None
+    when this run keeps none), ``step`` / ``total`` how far training got."""
+
+    def __init__(self, checkpoint: Path | None, step: int, total: int) -> None:
+        super().__init__(f"training interrupted at step {step} of {total}")
+        self.checkpoint, self.step, self.total = checkpoint, step, total
+
+
+class _InterruptFlag:
+    """While training: the first SIGINT only raises a flag (the loop checkpoints the finished step and
+    stops); a second one interrupts at once. Installed only where Ctrl-C would interrupt anyway (the
+    main thread, Python's default handler), so workers that ignore SIGINT keep ignoring it."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: object = None
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -162,6 +200,12 @@ class Trainer:
         ctx.optimizer = self.optimizer
         self.ema = EMA(model, ema_decay) if ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and ctx.device.type == "cuda")
+        self.wall_before_s = 0.0  # training seconds spent before the checkpoint a resume starts from
+        self._started = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Training wall time so far, the part before an interrupt included (what the record reports)."""
+        return self.wall_before_s + time.perf_counter() - self._started
 
     def save_checkpoint(self, step: int) -> None:
         if self.checkpoint_path is None or not self.ctx.distributed.is_main:  # all ranks hold one state
@@ -175,6 +219,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "generator": self.ctx.generator.get_state(),
             "cpu_rng": torch.get_rng_state(),
+            "wall_s": self.elapsed_s(),
         }
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
@@ -197,6 +242,7 @@ class Trainer:
             self.ctx.generator.set_state(state["generator"])
             torch.set_rng_state(state["cpu_rng"])
             step = int(state["step"])
+            self.wall_before_s = float(state.get("wall_s", 0.0))  # checkpoints written before it was kept: 0
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise BenchError(f"--resume: checkpoint {path} belongs to another model or method "
                              f"({first_line(error)}); delete it and run without --resume") from None
@@ -218,12 +264,29 @@ class Trainer:
         for _ in range(start_step):
             self.ctx.next_batch()
         self.model.train()
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         last_checkpoint = clock()
-        loss_value: float | None = None
         bar = progress_bar(range(start_step, total), desc=self.description, initial=start_step, total=total,
                            leave=False, dynamic_ncols=True, unit="step",
                            disable=total == 0 or not self.ctx.distributed.is_main)  # one bar per run
+        with _InterruptFlag() as interrupt:
+            loss_value = self._loop(bar, total, last_checkpoint, interrupt)
+        bar.close()
+        if self.ema:
+            self.ema.copy_to(self.model)
+        self.model.eval()
+        return TrainStats(
+            steps=total,
+            batch_size=self.ctx.batch_size,
+            wall_s=self.elapsed_s(),
+            peak_memory_mb=peak_memory_mb(self.ctx.device),
+            final_loss=loss_value,
+            resumed_from=start_step,
+        )
+
+    def _loop(self, bar, total: int, last_checkpoint: float, interrupt: _InterruptFlag) -> float | None:
+        """The optimizer steps; a Ctrl-C stops after the step in progress, with a checkpoint of it."""
+        loss_value: float | None = None
         for step in bar:
             yield_point()  # a pending latency measurement of another run gets the machine for itself
             x0 = self.ctx.distributed.local_shard(self.ctx.next_batch())  # this rank's share of the batch
@@ -245,18 +308,11 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.model)
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=step % 50 == 0)  # log lines show the latest
+            if interrupt.raised:
+                bar.close()
+                self.save_checkpoint(step + 1)
+                raise TrainingInterrupted(self.checkpoint_path, step + 1, total)
             if self.checkpoint_path and step + 1 < total and self._checkpoint_due(step + 1, last_checkpoint):
                 self.save_checkpoint(step + 1)
                 last_checkpoint = clock()
-        bar.close()
-        if self.ema:
-            self.ema.copy_to(self.model)
-        self.model.eval()
-        return TrainStats(
-            steps=total,
-            batch_size=self.ctx.batch_size,
-            wall_s=time.perf_counter() - started,
-            peak_memory_mb=peak_memory_mb(self.ctx.device),
-            final_loss=loss_value,
-            resumed_from=start_step,
-        )
+        return loss_value

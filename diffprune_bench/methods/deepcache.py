@@ -41,6 +41,7 @@ from torch import nn
 
 from diffprune_bench.context import MethodContext
 from diffprune_bench.errors import BenchError
+from diffprune_bench.methods.steps import check_saving
 from diffprune_bench.registry import Deployable, Method, register_method
 
 SCHEDULES = ("uniform", "nonuniform")
@@ -221,6 +222,18 @@ class DeepCache(Method):
     description = "Training-free DeepCache: full UNet every N steps, shallow branch + cached deep features between."
     Params = DeepCacheParams
     sampler_level = True
+
+    def validate(self, sparsity: float | None) -> None:
+        """What can be checked without the model (types, ranges), before any model is built; the bounds
+        that depend on the UNet (its depth, the step count) are checked in :meth:`accelerate`."""
+        p = self.params
+        for name in ("interval", "branch"):
+            value = getattr(p, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BenchError(f"deepcache: {name} {value!r} must be a positive integer")
+        if p.schedule not in SCHEDULES:
+            raise BenchError(f"deepcache: schedule {p.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        check_saving("deepcache", p.saving)
 
     def export(self, model, ctx: MethodContext) -> Deployable:
         return self.accelerate(Deployable(model=model), ctx)

@@ -36,6 +36,14 @@ def steps_for_saving(nominal_steps: int, saving: float) -> int:
     return max(1, min(nominal_steps, round(nominal_steps * (1.0 - saving))))
 
 
+def check_saving(method: str, saving: float | None) -> None:
+    """A ``saving`` parameter is a fraction in (0, 1) of the trajectory's MACs (None: the run's target)."""
+    if saving is None:
+        return
+    if isinstance(saving, bool) or not isinstance(saving, (int, float)) or not 0.0 < saving < 1.0:
+        raise BenchError(f"{method}: saving {saving!r} must be a number in (0, 1): the fraction of MACs saved")
+
+
 @register_method("steps")
 class Steps(Method):
     family = "training-free"
@@ -43,6 +51,16 @@ class Steps(Method):
     description = "Training-free: the model sampled with fewer DDIM steps (trajectory MACs match the target)."
     Params = StepsParams
     sampler_level = True
+
+    def validate(self, sparsity: float | None) -> None:
+        """Types, ranges and a target, before any model is built (``sparsity`` 0: alone without
+        --sparsity, or after a trained method, where the target is ``saving`` or ``steps``)."""
+        p = self.params
+        if p.steps is not None and (isinstance(p.steps, bool) or not isinstance(p.steps, int) or p.steps < 1):
+            raise BenchError(f"steps: steps {p.steps!r} must be a positive integer")
+        check_saving("steps", p.saving)
+        if sparsity is not None and float(sparsity) == 0.0 and p.steps is None and p.saving is None:
+            raise BenchError("steps needs a target: --sparsity S (alone), or -P saving=S or -P steps=K")
 
     def export(self, model, ctx: MethodContext) -> Deployable:
         return self.accelerate(Deployable(model=model), ctx)

@@ -45,9 +45,7 @@ from diffprune_bench.report.stats import (
     paired_kid_delta,
 )
 from diffprune_bench.results import warn
-
-#: realised saving may differ from the requested target by this much before a row is flagged (issue: ±2 points)
-TARGET_TOLERANCE = 0.02
+from diffprune_bench.targets import TARGET_TOLERANCE  # the record's, the summary's and the board's tolerance
 
 
 @dataclass(frozen=True)
