@@ -282,7 +282,6 @@ def build_params(method_cls: type[Method], overrides: dict[str, Any] | None) -> 
         raise BenchError(f"method {method_cls.name!r}: bad parameter value ({error})".splitlines()[0]) from None
 
 
-_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def check_sparsity(method_cls: type[Method], sparsity: float | None) -> None:

@@ -25,7 +25,7 @@ def _saved(record: dict[str, Any]) -> tuple[str, bool]:
     realised = (record.get("metrics") or {}).get("macs_reduction")
     target = record.get("target") or target_report(record.get("sparsity"), realised)
     missed = bool(target and target.get("missed"))
-    return _fmt(realised, "6.2f") + ("!" if missed else " "), missed
+    return f"{_fmt(realised, '6.2f'):>6}" + ("!" if missed else " "), missed
 
 
 def summary_table(records: list[dict[str, Any]]) -> str:
@@ -42,7 +42,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
         saved, missed = _saved(record)
         misses += missed
         lines.append(
-            f"{record['run_id']:<{width}} {_fmt(record.get('sparsity'), '6.2f')} {saved} {_fmt(m.get('fid'), '8.3f')} "
+            f"{record['run_id']:<{width}} {_fmt(record.get('sparsity'), '6.2f'):>6} {saved} {_fmt(m.get('fid'), '8.3f')} "
             f"{_fmt(m.get('kid'), '8.4f')} {_fmt(m.get('macs_dense', 0) / 1e9, '9.4f')} "
             f"{_fmt(m.get('macs_effective', 0) / 1e9, '9.4f')} "
             f"{_fmt(_giga(m.get('macs_trajectory_effective')), '10.3f')} {_fmt(m.get('params_nonzero'), '9d')} "
