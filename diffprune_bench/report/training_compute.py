@@ -136,6 +136,24 @@ def budget_order(part: pd.DataFrame) -> list[str]:
                 .sort_values(["steps", "budget_label"])["budget_label"])
 
 
+def _by_budget(rows: pd.DataFrame, colours: dict[str, Any]) -> list[tuple[tuple[str, bool], pd.DataFrame]]:
+    """``rows`` split by (budget label, training-free), shortest fine-tune first (the legend's order)."""
+    order = {label: i for i, label in enumerate(colours)}
+    parts = list(rows.groupby(["budget_label", "training_free"], sort=False))
+    return sorted(parts, key=lambda item: (order.get(item[0][0], len(order)), bool(item[0][1])))
+
+
+def _annotations(members: pd.DataFrame, budgets: int) -> list[tuple[float, float, str]]:
+    """(x, y, text) per front member; a row at the same point under several budgets (a training-free row
+    repeated in each suite) is named once, without a budget."""
+    points: dict[tuple[str, float, float], list[str]] = {}
+    for _, r in members.iterrows():
+        points.setdefault((str(r["label"]), float(r[COLUMN]), round(float(r["fid_mean"]), 6)), []).append(
+            str(r["budget_label"]))
+    return [(x, y, label if budgets < 2 or len(names) > 1 else f"{label}, {names[0]}")
+            for (label, x, y), names in points.items()]
+
+
 def figure(frame: pd.DataFrame) -> matplotlib.figure.Figure:
     """One row of panels per protocol (controls, then each target saving): colour = budget, ``X`` =
     training-free (the base's training only), black step line = that panel's non-dominated front."""
@@ -156,7 +174,7 @@ def figure(frame: pd.DataFrame) -> matplotlib.figure.Figure:
         for ax, name in zip(axes[row], panels(part), strict=False):
             ax.axis("on")
             rows = part[part["panel"] == name]
-            for (label, free), points in rows.groupby(["budget_label", "training_free"], sort=True):
+            for (label, free), points in _by_budget(rows, colours):
                 ax.errorbar(points[COLUMN] / scale, points["fid_mean"],
                             yerr=[points["fid_err_low"], points["fid_err_high"]], fmt="X" if free else "o",
                             markersize=6 if free else 4, capsize=2, linewidth=0.8, color=colours[label],
@@ -164,10 +182,8 @@ def figure(frame: pd.DataFrame) -> matplotlib.figure.Figure:
             members = rows[rows["front_training"]].sort_values(COLUMN)
             ax.step(members[COLUMN] / scale, members["fid_mean"], where="post", color="black", linewidth=1.1,
                     label="non-dominated front")
-            for _, r in members.iterrows():
-                text = r["label"] if len(colours) < 2 else f"{r['label']}, {r['budget_label']}"
-                ax.annotate(text, (r[COLUMN] / scale, r["fid_mean"]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+            for (x, y, text) in _annotations(members, len(colours)):
+                ax.annotate(text, (x / scale, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_title(name, fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
@@ -224,7 +240,7 @@ def plotly_figure(part: pd.DataFrame, current: str | None = None) -> Any:
     shown: set[str] = set()
     for column, name in enumerate(names, start=1):
         rows = part[part["panel"] == name]
-        for (label, free), points in rows.groupby(["budget_label", "training_free"], sort=True):
+        for (label, free), points in _by_budget(rows, colours):
             legend = f"{label}{' (training-free)' if free else ''}"
             fig.add_trace(go.Scatter(
                 x=(points[COLUMN] / scale).tolist(), y=points["fid_mean"].astype(float).tolist(), mode="markers",
