@@ -181,3 +181,15 @@ def test_site_has_the_training_compute_chart_of_every_budget(board, records, tmp
     assert all(x == pytest.approx(base) for t in free for x in t.x)
     fronts = [t for t in figure.data if t.name == "non-dominated front (per panel)"]
     assert len(fronts) == 2  # the controls' panel and the 50 % panel
+
+
+def test_site_shows_the_budget_comparison_when_two_budgets_pair(board, records, tmp_path):
+    html = write_site(board, records, tmp_path / "site").read_text()
+    section = html.split('id="budget-comparison"', 1)[1].split("</section>", 1)[0]
+    assert "fine-tune 200 vs 1000 steps" in section and "<th>letters @1000</th>" in section
+    assert "taylor (best): changes." in section
+    (short, long), = budgets.budget_pairs(board)
+    fid = budgets.comparison_frame(short, long).set_index("method").loc["taylor", "FID @1000"]
+    assert f"<td>{fid}</td>" in section
+    one = leaderboard.build([r for r in records if r["config"]["finetune_steps"] == 200])
+    assert 'id="budget-comparison"' not in write_site(one, records, tmp_path / "one").read_text()

@@ -159,3 +159,20 @@ def markdown_section(board: Leaderboard) -> str:
         lines += [frame.to_markdown(index=False, disable_numparse=True), ""]
         lines += [f"- {line}" for line in leading_lines(short, long)] + [""]
     return "\n".join(lines)
+
+
+def site_sections(board: Leaderboard) -> list[dict[str, Any]]:
+    """The same comparison for the web page: per pair of tables a title, columns, rows and the leading-group
+    lines (plain text)."""
+    sections = []
+    for short, long in budget_pairs(board):
+        frame = comparison_frame(short, long)
+        k = short.key
+        sections.append({
+            "title": f"{k['dataset']}: {k['extractor']} FID, N={k['num_samples']}, {str(k['sampler']).upper()} "
+                     f"{k['sample_steps']} steps: fine-tune {_steps_text(short)} vs {_steps_text(long)} steps",
+            "columns": list(frame.columns),
+            "rows": frame.astype(str).values.tolist(),
+            "lines": [line.replace("**", "") for line in leading_lines(short, long)],
+        })
+    return sections

@@ -27,7 +27,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
-from diffprune_bench.report import training_compute
+from diffprune_bench.report import budgets, training_compute
 from diffprune_bench.report.leaderboard import Group, Leaderboard, display_table, group_notes, pairwise_of, row_label
 from diffprune_bench.report.pairwise import ALPHA
 from diffprune_bench.report.pareto import front_mask
@@ -309,6 +309,7 @@ def render_page(board: Leaderboard, tables: list[Table]) -> str:
     failed = board.failed.fillna("").astype(str).to_dict("records") if not board.failed.empty else []
     return environment.get_template("site.html.j2").render(
         tables=tables, records=board.records, statistics=STATISTICS_NOTE, pairwise=PAIRWISE_NOTE,
+        budget_sections=budgets.site_sections(board),
         versions=software_versions(),
         failed=failed, failed_columns=list(board.failed.columns), plotly_file=PLOTLY_FILE,
     )
