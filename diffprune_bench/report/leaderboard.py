@@ -31,6 +31,7 @@ from diffprune_bench.report.compare import (
     add_comparisons,
 )
 from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
+from diffprune_bench.report.training_compute import training_macs
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
 
 #: what a reader may expect when re-running a cell (measured: see the README's "Reproducibility")
@@ -75,6 +76,7 @@ METRIC_COLUMNS = [
     "images_seen",
     "images_total",
     "extra_gmacs",
+    "train_macs",
     "train_wall_s",
     "speedup_low",
     "speedup_high",
@@ -202,6 +204,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "images_seen": training.get("images_seen"),
         "images_total": _images_total(record),
         "extra_gmacs": _extra_gmacs(record),
+        "train_macs": training_macs(record, is_baseline, _extra_gmacs(record)),
         "train_wall_s": training.get("wall_s"),
         "speedup_low": (metrics.get("speedup_ci") or [None, None])[0],
         "speedup_high": (metrics.get("speedup_ci") or [None, None])[1],
@@ -651,7 +654,11 @@ def write_from_records(records: list[dict[str, Any]], out_dir: str | Path, suite
             plot_paths[slug] = [str(Path(p).relative_to(out)) for p in paths]
     pareto_plots = [str(p.relative_to(out)) for p in pareto.write_plots(board, out / "plots")] if with_plots else []
     markdown, csv = out / "leaderboard.md", out / "leaderboard.csv"
-    text = render_markdown(board, plot_paths) + "\n" + pareto.markdown_section(board, pareto_plots)
+    from diffprune_bench.report.budgets import markdown_section as budget_section
+
+    budgets = budget_section(board)
+    text = (render_markdown(board, plot_paths) + "\n" + (budgets + "\n" if budgets else "")
+            + pareto.markdown_section(board, pareto_plots))
     atomic_write_text(markdown, text)
     atomic_write_text(csv, csv_frame(board).to_csv(index=False))
     return {"board": board, "records": records, "markdown": markdown, "csv": csv, "plots": plot_paths}

@@ -27,7 +27,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
-from diffprune_bench.report import fid_axis
+from diffprune_bench.report import budgets, fid_axis, training_compute
 from diffprune_bench.report.board import Group, Leaderboard, pairwise_of, row_label
 from diffprune_bench.report.leaderboard import display_table, group_notes
 from diffprune_bench.report.pairwise import ALPHA
@@ -196,8 +196,9 @@ def pareto_chart(group: Group, x: str, title: str, xlabel: str, x_low: str | Non
     return fig
 
 
-def _charts(group: Group) -> list[str]:
-    """The two trade-off views as HTML fragments (plotly's JS is loaded once by the page)."""
+def _charts(group: Group, training: pd.DataFrame | None = None) -> list[str]:
+    """The trade-off views as HTML fragments (plotly's JS is loaded once by the page): FID vs MACs, vs
+    latency, and (with ``training``) vs total training compute across budgets."""
     steps = group.key["sample_steps"]
     figures = [
         pareto_chart(group, "macs_trajectory_effective", "FID vs realised MACs per sample",
@@ -209,7 +210,7 @@ def _charts(group: Group) -> list[str]:
         fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{group.slug}-{i}",
                     config={"displaylogo": False, "responsive": True})
         for i, fig in enumerate(figures) if fig is not None
-    ]
+    ] + [c for c in [training_compute.chart_html(training, group.slug, group.key["budget"])] if c]
 
 
 def _heatmaps(group: Group) -> list[str]:
@@ -275,8 +276,11 @@ def comparison(group: Group, rows: list[Row]) -> dict[str, Any] | None:
     return {"sparsity": f"{sparsity:g}", "seed": seed, "tiles": tiles}
 
 
-def site_table(group: Group, records: dict[str, dict[str, Any]], site: Path) -> Table:
-    """One leaderboard table for the page: the markdown's cells plus per-seed links, charts, comparison."""
+def site_table(group: Group, records: dict[str, dict[str, Any]], site: Path,
+               training: pd.DataFrame | None = None) -> Table:
+    """One leaderboard table for the page: the markdown's cells plus per-seed links, charts, comparison;
+    ``training`` (:func:`~diffprune_bench.report.training_compute.compute_frame` of the whole board) adds
+    the FID-vs-training-compute chart of the table's protocol, every budget on it."""
     shown = display_table(group)
     rows = []
     for (_, table_row), (_, display_row) in zip(group.table.iterrows(), shown.iterrows(), strict=True):
@@ -289,7 +293,7 @@ def site_table(group: Group, records: dict[str, dict[str, Any]], site: Path) -> 
             f"data-vs-data FID floor at this N: {floor:.3f}." if _finite(floor) else
             f"Suites: {', '.join(suites) or '(single runs)'}; N = {group.key['num_samples']} samples.")
     table = Table(slug=group.slug, title=group.title(), note=note, columns=[str(c) for c in shown.columns],
-                  rows=rows, families=sorted({r.family for r in rows}), charts=_charts(group),
+                  rows=rows, families=sorted({r.family for r in rows}), charts=_charts(group, training),
                   notes=group_notes(group), heatmaps=_heatmaps(group))
     table.comparison = comparison(group, rows)
     return table
@@ -309,6 +313,7 @@ def render_page(board: Leaderboard, tables: list[Table]) -> str:
     failed = board.failed.fillna("").astype(str).to_dict("records") if not board.failed.empty else []
     return environment.get_template("site.html.j2").render(
         tables=tables, records=board.records, statistics=STATISTICS_NOTE, pairwise=PAIRWISE_NOTE,
+        budget_sections=budgets.site_sections(board),
         versions=software_versions(),
         failed=failed, failed_columns=list(board.failed.columns), plotly_file=PLOTLY_FILE,
     )
@@ -324,7 +329,8 @@ def write_site(board: Leaderboard, records: list[dict[str, Any]], out_dir: str |
     for folder in ("records", "samples"):
         shutil.rmtree(site / folder, ignore_errors=True)
     by_id = {str(r.get("run_id")): r for r in records if r.get("run_id")}
-    tables = [site_table(group, by_id, site) for group in board.groups]
+    training = training_compute.compute_frame(board)
+    tables = [site_table(group, by_id, site, training) for group in board.groups]
     _write_plotly(site)
     index = site / "index.html"
     atomic_write_text(index, render_page(board, tables))

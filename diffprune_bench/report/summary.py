@@ -42,7 +42,8 @@ def summary_table(records: list[dict[str, Any]]) -> str:
         saved, missed = _saved(record)
         misses += missed
         lines.append(
-            f"{record['run_id']:<{width}} {_fmt(record.get('sparsity'), '6.2f'):>6} {saved} {_fmt(m.get('fid'), '8.3f')} "
+            f"{record['run_id']:<{width}} {_fmt(record.get('sparsity'), '6.2f'):>6} {saved} "
+            f"{_fmt(m.get('fid'), '8.3f')} "
             f"{_fmt(m.get('kid'), '8.4f')} {_fmt(m.get('macs_dense', 0) / 1e9, '9.4f')} "
             f"{_fmt(m.get('macs_effective', 0) / 1e9, '9.4f')} "
             f"{_fmt(_giga(m.get('macs_trajectory_effective')), '10.3f')} {_fmt(m.get('params_nonzero'), '9d')} "
