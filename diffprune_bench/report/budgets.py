@@ -19,7 +19,7 @@ import pandas as pd
 from diffprune_bench.report.training_compute import finetune_steps
 
 if TYPE_CHECKING:
-    from diffprune_bench.report.leaderboard import Group, Leaderboard
+    from diffprune_bench.report.board import Group, Leaderboard
     from diffprune_bench.report.pairwise import TargetComparison
 
 #: a table row's identity within its table (what aggregate() groups seeds by)
@@ -74,7 +74,7 @@ def _steps_text(group: Group) -> str:
 def comparison_frame(short: Group, long: Group) -> pd.DataFrame:
     """One line per row present in both tables (controls first, then by target and FID at the shorter
     budget): its FID and letters in each."""
-    from diffprune_bench.report.leaderboard import row_label
+    from diffprune_bench.report.board import row_label
 
     a, b = _steps_text(short), _steps_text(long)
     longer = {_key(r): (i, r) for i, r in long.table.iterrows()}

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from diffprune_bench.errors import BenchError, first_line
-from diffprune_bench.report import pareto
+from diffprune_bench.report import pareto, training_compute
 from diffprune_bench.report.board import Group, Leaderboard, row_label
 from diffprune_bench.report.compare import (
     SPACE_FEATURES,
@@ -652,7 +652,9 @@ def write_from_records(records: list[dict[str, Any]], out_dir: str | Path, suite
 
         for slug, paths in write_plots(board, out / "plots").items():
             plot_paths[slug] = [str(Path(p).relative_to(out)) for p in paths]
-    pareto_plots = [str(p.relative_to(out)) for p in pareto.write_plots(board, out / "plots")] if with_plots else []
+    pareto_paths = [*pareto.write_plots(board, out / "plots"), *training_compute.write_plot(board, out / "plots")] \
+        if with_plots else []
+    pareto_plots = [str(p.relative_to(out)) for p in pareto_paths]
     markdown, csv = out / "leaderboard.md", out / "leaderboard.csv"
     from diffprune_bench.report.budgets import markdown_section as budget_section
 

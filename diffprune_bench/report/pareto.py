@@ -179,8 +179,9 @@ def _draw(frame: pd.DataFrame, x: str, x_err: tuple[str, str] | None, front: str
 
 
 def write_plots(board: Leaderboard, folder: str | Path) -> list[Path]:
-    """``pareto_macs.png`` (FID vs MACs per sample), ``pareto_latency.png`` (FID vs 1 / speed-up) and
-    ``pareto_training.png`` (FID vs total training compute, :mod:`~diffprune_bench.report.training_compute`)."""
+    """``pareto_macs.png`` (FID vs MACs per sample) and ``pareto_latency.png`` (FID vs 1 / speed-up)
+    (the leaderboard adds ``pareto_training.png``, :mod:`~diffprune_bench.report.training_compute`, which builds
+    on this module)."""
     frame = points_frame(board)
     if frame.empty:
         return []
@@ -203,6 +204,4 @@ def write_plots(board: Leaderboard, folder: str | Path) -> list[Path]:
         fig.savefig(path, dpi=150, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
-    from diffprune_bench.report.training_compute import write_plot  # it builds on this module
-
-    return written + write_plot(board, folder)
+    return written

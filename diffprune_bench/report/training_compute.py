@@ -35,7 +35,7 @@ from diffprune_bench.report.pareto import front_mask, points_frame, protocol_tit
 if TYPE_CHECKING:
     import matplotlib.figure
 
-    from diffprune_bench.report.leaderboard import Leaderboard
+    from diffprune_bench.report.board import Leaderboard
 
 #: training MACs per image = this many forward passes of the trained model (forward + backward)
 PASSES_PER_IMAGE = 3
