@@ -27,7 +27,6 @@ from diffprune_bench.metrics.consistency import mean_ssim
 from diffprune_bench.metrics.fid import (
     FeatureExtractor,
     build_extractor,
-    extract_features,
     fid_from_features,
     kid_from_features,
     quantize_uint8,
@@ -35,7 +34,8 @@ from diffprune_bench.metrics.fid import (
 )
 from diffprune_bench.metrics.graph_latency import LatencyStore, measurement_key, trajectory_signature
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
-from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
+from diffprune_bench.metrics.mac_cache import MacCache
+from diffprune_bench.metrics.macs import COUNTER, trajectory_macs
 from diffprune_bench.models import count_params, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable
@@ -65,12 +65,17 @@ class Evaluator:
             {"dataset": data.name, "split": "reference", "resolution": data.resolution, "source": data.source},
             precomputed=data.cleanfid_stats,
         )
-        floor_images = image_batches(data.train, limit=cfg.num_samples, num_workers=cfg.num_workers)
-        self.floor = fid_from_features(extract_features(self.extractor, floor_images), self.reference)
+        floor = reference_stats(  # cached beside the reference: the same N training images every run
+            self.extractor, lambda: image_batches(data.train, limit=cfg.num_samples, num_workers=cfg.num_workers),
+            cfg.cache_dir, {"dataset": data.name, "split": "train", "limit": cfg.num_samples,
+                            "resolution": data.resolution, "source": data.source, "data": data.fingerprint},
+        )
+        self.floor = fid_from_features(floor.features, self.reference)
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
         self.noise = initial_noise(cfg.num_samples, data.shape, cfg.seed + EVAL_NOISE_OFFSET, device)
         self._dense_samples: torch.Tensor | None = None
-        self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
+        self.macs = MacCache(cfg.cache_dir)  # fvcore traces each architecture once (see metrics.mac_cache)
+        self.base_macs = self.macs.count(base.model, data.shape).total  # shared by every variant
         self.lock = lock
         self._search_reference = None  # training-split statistics, computed when a search first asks
         self._code_version = code_version  # a latency measured by other code is not reused (None: looked up)
@@ -192,10 +197,10 @@ class Evaluator:
         samples = self.sample(deployable, self.noise, show=True)
         features = self.extractor.features(samples)
         save_image((samples[:64] + 1) / 2, run_dir / "samples.png", nrow=8)
-        report = count_macs(model, self.data.shape)
+        report = self.macs.count(model, self.data.shape)
         steps = self.steps_of(deployable)  # per sample, over the whole trajectory this deployable runs
         if deployable.step_modules is not None:
-            traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape)
+            traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape, self.macs.count)
         else:
             traj_dense, traj_effective = report.total * steps, report.effective * steps
         total, nonzero = count_params(model)
