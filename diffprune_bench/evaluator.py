@@ -32,7 +32,12 @@ from diffprune_bench.metrics.fid import (
     quantize_uint8,
     reference_stats,
 )
-from diffprune_bench.metrics.graph_latency import LatencyStore, measurement_key, trajectory_signature
+from diffprune_bench.metrics.graph_latency import (
+    LatencyStore,
+    measurement_key,
+    module_signature,
+    trajectory_signature,
+)
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
 from diffprune_bench.metrics.mac_cache import MacCache
 from diffprune_bench.metrics.macs import COUNTER, trajectory_macs
@@ -40,6 +45,7 @@ from diffprune_bench.models import count_params, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable
 from diffprune_bench.results import git_commit
+from diffprune_bench.sample_cache import SampleCache
 from diffprune_bench.trainer import autocast
 
 CONSISTENCY_SAMPLES = 64
@@ -157,8 +163,18 @@ class Evaluator:
         return self._search_reference
 
     def dense_samples(self) -> torch.Tensor:
+        """The dense base's samples SSIM compares with: sampled once per base and protocol (see
+        :mod:`diffprune_bench.sample_cache`), keyed by the base as it is now."""
         if self._dense_samples is None:
-            self._dense_samples = self.sample(Deployable(self.base.model), self.noise[:CONSISTENCY_SAMPLES])
+            noise = self.noise[:CONSISTENCY_SAMPLES]
+            _, where = self.latency_context()  # threads, device, host, precision, spacing, code
+            fields = {**{k: v for k, v in where.items() if k not in ("batch", "repeats")},
+                      "base": weights_hash(self.base.model), "graph": module_signature(self.base.model),
+                      "noise_seed": self.cfg.seed + EVAL_NOISE_OFFSET, "noise_count": self.cfg.num_samples,
+                      "samples": int(noise.shape[0]), "shape": list(self.data.shape),
+                      "sampler": sampler_protocol(self.cfg.sample_steps, self.cfg.timestep_spacing)}
+            self._dense_samples = SampleCache(self.cfg.cache_dir).get_or_sample(
+                fields, lambda: self.sample(Deployable(self.base.model), noise), self.device)
         return self._dense_samples
 
     def latency_context(self) -> tuple[str, dict[str, Any]]:
