@@ -59,3 +59,15 @@ def test_a_corrupt_sample_entry_is_sampled_again(tmp_path):
     assert cache.sampled == 2 and torch.equal(again, torch.ones(2, 3))
     other = cache.get_or_sample({**fields, "steps": 5}, lambda: torch.full((2, 3), 7.0), torch.device("cpu"))
     assert torch.equal(other, torch.full((2, 3), 7.0)) and cache.sampled == 3  # other fields: another entry
+
+
+def test_kid_on_one_blas_thread_is_clean_fids_kid_bit_for_bit():
+    from cleanfid.fid import kernel_distance
+
+    from diffprune_bench.metrics.fid import ReferenceStats, kid_from_features
+
+    rng = np.random.default_rng(0)
+    ours, theirs = np.tanh(rng.normal(size=(600, 64))), np.tanh(rng.normal(size=(540, 64)))
+    np.random.seed(3)
+    expected = float(kernel_distance(ours, theirs))  # clean-fid as is, on the default BLAS threads
+    assert kid_from_features(ours, ReferenceStats.from_features(theirs), seed=3) == expected
