@@ -26,19 +26,25 @@ from diffprune_bench.metrics.consistency import mean_ssim
 from diffprune_bench.metrics.fid import (
     FeatureExtractor,
     build_extractor,
-    extract_features,
     fid_from_features,
     quantize_uint8,
     reference_stats,
 )
-from diffprune_bench.metrics.graph_latency import LatencyStore, measurement_key, trajectory_signature
+from diffprune_bench.metrics.graph_latency import (
+    LatencyStore,
+    measurement_key,
+    module_signature,
+    trajectory_signature,
+)
 from diffprune_bench.metrics.latency import MachineLock, measure_ab
-from diffprune_bench.metrics.macs import COUNTER, count_macs, trajectory_macs
+from diffprune_bench.metrics.mac_cache import MacCache
+from diffprune_bench.metrics.macs import COUNTER, trajectory_macs
 from diffprune_bench.metrics.spaces import FeatureSpace, build_space, save_reference_features, score_spaces, space_names
 from diffprune_bench.models import count_params, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable
 from diffprune_bench.results import git_commit
+from diffprune_bench.sample_cache import SampleCache
 from diffprune_bench.sample_grid import sample_caption, write_sample_grid
 from diffprune_bench.trainer import autocast
 
@@ -68,12 +74,17 @@ class Evaluator:
         self.primary = FeatureSpace(self.extractor, self.reference)
         self.secondary = [build_space(name, data, cfg.cache_dir, cfg.num_workers, weights=cfg.inception_weights,
                                       device=device) for name in space_names(cfg.fid_extractor, data.name)[1:]]
-        floor_images = image_batches(data.train, limit=cfg.num_samples, num_workers=cfg.num_workers)
-        self.floor = fid_from_features(extract_features(self.extractor, floor_images), self.reference)
+        floor = reference_stats(  # cached beside the reference: the same N training images every run
+            self.extractor, lambda: image_batches(data.train, limit=cfg.num_samples, num_workers=cfg.num_workers),
+            cfg.cache_dir, {"dataset": data.name, "split": "train", "limit": cfg.num_samples,
+                            "resolution": data.resolution, "source": data.source, "data": data.fingerprint},
+        )
+        self.floor = fid_from_features(floor.features, self.reference)
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
         self.noise = initial_noise(cfg.num_samples, data.shape, cfg.seed + EVAL_NOISE_OFFSET, device)
         self._dense_samples: torch.Tensor | None = None
-        self.base_macs = count_macs(base.model, data.shape).total  # once per run, shared by every variant
+        self.macs = MacCache(cfg.cache_dir)  # fvcore traces each architecture once (see metrics.mac_cache)
+        self.base_macs = self.macs.count(base.model, data.shape).total  # shared by every variant
         self.lock = lock
         self._search_reference = None  # training-split statistics, computed when a search first asks
         self._code_version = code_version  # a latency measured by other code is not reused (None: looked up)
@@ -150,8 +161,18 @@ class Evaluator:
         return self._search_reference
 
     def dense_samples(self) -> torch.Tensor:
+        """The dense base's samples SSIM compares with: sampled once per base and protocol (see
+        :mod:`diffprune_bench.sample_cache`), keyed by the base as it is now."""
         if self._dense_samples is None:
-            self._dense_samples = self.sample(Deployable(self.base.model), self.noise[:CONSISTENCY_SAMPLES])
+            noise = self.noise[:CONSISTENCY_SAMPLES]
+            _, where = self.latency_context()  # threads, device, host, precision, spacing, code
+            fields = {**{k: v for k, v in where.items() if k not in ("batch", "repeats")},
+                      "base": weights_hash(self.base.model), "graph": module_signature(self.base.model),
+                      "noise_seed": self.cfg.seed + EVAL_NOISE_OFFSET, "noise_count": self.cfg.num_samples,
+                      "samples": int(noise.shape[0]), "shape": list(self.data.shape),
+                      "sampler": sampler_protocol(self.cfg.sample_steps, self.cfg.timestep_spacing)}
+            self._dense_samples = SampleCache(self.cfg.cache_dir).get_or_sample(
+                fields, lambda: self.sample(Deployable(self.base.model), noise), self.device)
         return self._dense_samples
 
     def latency_context(self) -> tuple[str, dict[str, Any]]:
@@ -193,10 +214,10 @@ class Evaluator:
         write_sample_grid(samples, run_dir / "samples.png", sample_caption(
             self.cfg.method, deployable.sparsity if deployable.sparsity is not None else self.cfg.sparsity,
             self.cfg.seed, primary["fid"], self.cfg.then))
-        report = count_macs(model, self.data.shape)
+        report = self.macs.count(model, self.data.shape)
         steps = self.steps_of(deployable)  # per sample, over the whole trajectory this deployable runs
         if deployable.step_modules is not None:
-            traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape)
+            traj_dense, traj_effective = trajectory_macs(deployable.step_modules, self.data.shape, self.macs.count)
         else:
             traj_dense, traj_effective = report.total * steps, report.effective * steps
         total, nonzero = count_params(model)

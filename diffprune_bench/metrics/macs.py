@@ -9,6 +9,7 @@ checked against torch-pruning's counter and attention is shown on its own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,12 +82,19 @@ def _weight_density(module: nn.Module) -> float:
     return float(torch.count_nonzero(weight.detach())) / weight.numel()
 
 
-def count_macs(model: nn.Module, sample_shape: tuple[int, int, int], device: torch.device | None = None) -> MacReport:
-    """fvcore MACs of one forward of ``model`` at batch 1, by operator family, with effective MACs.
+@dataclass
+class MacTrace:
+    """What fvcore's trace of one forward yields: MACs by operator, and the conv/linear MACs of each layer.
 
-    ``effective`` counts every Conv2d/Linear at its weight density (nonzero fraction), so masked
-    (unstructured / N:M) models are compared fairly; for an unmasked model it equals ``total``.
-    """
+    It depends on the architecture alone (shapes, not weight values), so it can be cached per
+    architecture (see :mod:`diffprune_bench.metrics.mac_cache`); weight densities are applied afterwards."""
+
+    by_operator: dict[str, int]
+    layer_macs: dict[str, int]
+
+
+def trace_macs(model: nn.Module, sample_shape: tuple[int, int, int], device: torch.device | None = None) -> MacTrace:
+    """fvcore's count of one forward of ``model`` at batch 1 (the expensive part: a TorchScript trace)."""
     if device is None:
         device = next(model.parameters()).device
     sample = torch.zeros((1, *sample_shape), device=device)
@@ -101,19 +109,30 @@ def count_macs(model: nn.Module, sample_shape: tuple[int, int, int], device: tor
         by_operator = analysis.by_operator()
         by_module_op = analysis.by_module_and_operator()
     model.train(was_training)
+    layer_macs: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        ops = by_module_op.get(f"model.{name}" if name else "model", {})
+        macs = sum(int(c) for op, c in ops.items() if _family(op) in ("conv", "linear"))
+        if macs:
+            layer_macs[name] = macs
+    return MacTrace(by_operator=dict(by_operator), layer_macs=layer_macs)
 
+
+def report_from_trace(model: nn.Module, trace: MacTrace) -> MacReport:
+    """The report of ``model`` from its architecture's trace and its own weight densities."""
     by_family: dict[str, int] = {}
-    for op, count in by_operator.items():
+    for op, count in trace.by_operator.items():
         by_family[_family(op)] = by_family.get(_family(op), 0) + int(count)
-    total = int(sum(by_operator.values()))
+    total = int(sum(trace.by_operator.values()))
 
     effective = float(total)
     per_layer: dict[str, dict[str, float]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        ops = by_module_op.get(f"model.{name}" if name else "model", {})
-        layer_macs = sum(int(c) for op, c in ops.items() if _family(op) in ("conv", "linear"))
+        layer_macs = trace.layer_macs.get(name, 0)
         if layer_macs == 0:
             continue
         density = _weight_density(module)
@@ -122,8 +141,19 @@ def count_macs(model: nn.Module, sample_shape: tuple[int, int, int], device: tor
     return MacReport(total=total, by_family=by_family, effective=effective, per_layer=per_layer)
 
 
-def trajectory_macs(step_modules: list[nn.Module], sample_shape: tuple[int, int, int]) -> tuple[int, float]:
-    """(dense, effective) MACs summed over a sampling trajectory, one forward per step."""
+def count_macs(model: nn.Module, sample_shape: tuple[int, int, int], device: torch.device | None = None) -> MacReport:
+    """fvcore MACs of one forward of ``model`` at batch 1, by operator family, with effective MACs.
+
+    ``effective`` counts every Conv2d/Linear at its weight density (nonzero fraction), so masked
+    (unstructured / N:M) models are compared fairly; for an unmasked model it equals ``total``.
+    """
+    return report_from_trace(model, trace_macs(model, sample_shape, device))
+
+
+def trajectory_macs(step_modules: list[nn.Module], sample_shape: tuple[int, int, int],
+                    counter: Callable[[nn.Module, tuple[int, int, int]], MacReport] = count_macs) -> tuple[int, float]:
+    """(dense, effective) MACs summed over a sampling trajectory, one forward per step (``counter``: how
+    one module is counted, e.g. a :class:`~diffprune_bench.metrics.mac_cache.MacCache`'s ``count``)."""
     cache: dict[int, MacReport] = {}
     dense = 0
     effective = 0.0
@@ -131,7 +161,7 @@ def trajectory_macs(step_modules: list[nn.Module], sample_shape: tuple[int, int,
     steps = progress_bar(step_modules, desc="counting MACs", unit="step", leave=False, delay=PHASE_DELAY_S)
     for module in steps:
         if id(module) not in cache:
-            cache[id(module)] = count_macs(module, sample_shape)
+            cache[id(module)] = counter(module, sample_shape)
         dense += cache[id(module)].total
         effective += cache[id(module)].effective
     return dense, effective
