@@ -31,7 +31,7 @@ def test_a_warm_cache_gives_the_cold_cache_results(tiny_config, shared_cache, tm
     assert list((cache / mac_cache.FOLDER).glob("*.json")), "the MAC traces were cached"
     assert list((cache / "dense-samples").glob("*.pt")), "the dense SSIM samples were cached"
     stats = sorted(p.name for p in (cache / "fid-stats").glob("*.npz"))
-    assert len(stats) == 2, stats  # the reference and the floor's training images
+    assert len(stats) == 3, stats  # the reference, the floor's training images, the digits-mlp space's reference
 
     warm = _cell(tiny_config, cache, tmp_path / "warm", method)
     for name in ("features.npy",):
