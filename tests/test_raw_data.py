@@ -204,3 +204,25 @@ def test_the_committed_leaderboard_re_renders_from_the_committed_data(tmp_path):
     _render(["--from-data", str(REPO / "results" / "data" / "digits"), "--out", str(tmp_path), "--plots"])
     for name in ("leaderboard.md", "leaderboard.csv"):
         assert (tmp_path / name).read_bytes() == (REPO / "results" / name).read_bytes(), name
+
+
+def test_a_later_slice_keeps_the_committed_records_and_the_sweep_skips_them(runs, tmp_path):
+    """Suites run in slices: seed 0 committed first, seed 1 later from a clone that has only the data; the
+    data folder then holds both seeds, and a sweep counts the committed cells as done."""
+    from diffprune_bench.sweep.suite import committed_data
+
+    results = tmp_path / "repo" / "results"
+    first, second = tmp_path / "slice0", results / "runs"
+    for path in sorted(p for p in runs.iterdir() if (p / "record.json").is_file()):
+        seed = json.loads((path / "record.json").read_text()).get("seed")
+        shutil.copytree(path, (first if seed == 0 else second) / path.name)
+    shutil.copytree(runs / "reference", first / "reference")
+    shutil.copytree(runs / "reference", second / "reference")
+    raw_data.write_data(first, results / "data", ["demo"])
+    seed0 = {r["run_id"] for r in raw_data.load_data([results / "data" / "demo"])}
+    assert seed0
+    raw_data.write_data(second, results / "data", ["demo"])  # the later slice: its run folders only
+    both = raw_data.load_data([results / "data" / "demo"])
+    assert seed0 <= {r["run_id"] for r in both}
+    assert {r["seed"] for r in both if r.get("status") == "ok"} == set(SEEDS)
+    assert {r["run_id"] for r in committed_data(second, "demo")} == {r["run_id"] for r in both}

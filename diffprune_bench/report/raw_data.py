@@ -181,7 +181,20 @@ def write_data(results_dir: str | Path, data_root: str | Path, suites: list[str]
                          f"{Path(data_root) / (suites[0] if suites else '<suite>')}")
     ensure_writable(data_root, "the leaderboard data", "--out")
     records = load_records(results_dir)
-    return [write_suite(records, data_root, suite) for suite in suites]
+    return [write_suite(records + committed_records(data_root, suite, records), data_root, suite) for suite in suites]
+
+
+def committed_records(data_root: str | Path, suite: str, newer: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records already in ``data_root``/suite that no record of ``newer`` replaces (same run id).
+
+    A suite's grid is run in slices (``diffbench sweep --seeds``), each on whatever machine and clone is at
+    hand: the data folder keeps what earlier slices committed, and a slice adds its records to it (a cell
+    run again replaces its committed record)."""
+    folder = Path(data_root) / suite
+    if not (folder / MANIFEST_NAME).is_file():
+        return []
+    replaced = {str(r.get("run_id")) for r in newer}
+    return [r for r in load_data([folder]) if str(r.get("run_id")) not in replaced]
 
 
 def load_data(folders: list[str | Path]) -> list[dict[str, Any]]:

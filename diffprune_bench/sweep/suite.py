@@ -405,6 +405,16 @@ def cell_done(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> bo
     return bool(cell_results(records, suite, cell))
 
 
+def committed_data(results_dir: str | Path, suite: str) -> list[dict[str, Any]]:
+    """Records of ``suite`` committed as leaderboard data beside the results folder (``results/data/<suite>``
+    for ``results/runs``): cells an earlier slice ran, perhaps on another clone, count as done, so a suite run
+    in slices (``--seeds``) never repeats them."""
+    folder = Path(results_dir).parent / "data" / suite
+    if not (folder / "manifest.json").is_file():
+        return []
+    return [r for r in load_records(folder) if r.get("suite") == suite]
+
+
 # ---------------------------------------------------------------- the sweep
 @dataclass
 class SweepResult:
@@ -471,7 +481,7 @@ def sweep(
     executor = make_executor(run_fn or default_run, jobs, cluster)
     configs = share_repeated_training([(cell, suite.cell_config(cell, overrides)) for cell in suite.cells()])
     results_dir = configs[0][1].results_dir
-    records = load_records(results_dir)
+    records = load_records(results_dir) + committed_data(results_dir, suite.name)
     result = SweepResult(cells=len(configs), results_dir=results_dir)
     pending = []
     for cell, cfg in configs:
