@@ -436,3 +436,43 @@ register_dataset(
         defaults={"preset": "ddpm-celeba64", "base_steps": 500_000, **PAPER_PROTOCOL},
     )
 )
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+def load_fashion_mnist(root: str | None = None, resolution: int | None = None, **_: Any) -> DataBundle:
+    """Fashion-MNIST's 60,000 training images for training, its 10,000 test images as the FID reference
+    (train vs test, as CIFAR-10 protocols do), 28x28 grayscale scaled to [-1, 1] like digits.
+
+    The files come from ``--data-root`` or Debian's ``dataset-fashion-mnist`` (see ``fashion_mnist``),
+    checksum-verified. Images stay 28x28: the ``fashion`` preset halves 28 -> 14 -> 7, so no padding.
+    """
+    from diffprune_bench import fashion_mnist
+
+    if resolution not in (None, fashion_mnist.RESOLUTION):
+        raise BenchError(f"resolution {resolution} is not available for fashion-mnist (28x28 only)")
+    splits, folder = fashion_mnist.load_splits(root)
+
+    def tensors(split: str) -> TensorDataset:
+        images, labels = splits[split]
+        scaled = torch.from_numpy(images).float().div_(127.5).sub_(1.0).unsqueeze(1)  # uint8 -> [-1, 1] exactly
+        return TensorDataset(scaled, torch.from_numpy(labels))
+
+    return DataBundle(
+        name="fashion-mnist",
+        train=tensors("train"),
+        reference=tensors("test"),
+        resolution=fashion_mnist.RESOLUTION,
+        channels=1,
+        source=f"Fashion-MNIST from {folder} (60,000 train / 10,000 test, 28x28, MD5-verified, no padding)",
+        reference_split="test",
+    )
+
+
+register_dataset(
+    DatasetSpec(
+        name="fashion-mnist",
+        description="Fashion-MNIST 28x28 (Debian dataset-fashion-mnist or --data-root); FID vs the 10,000 test images",
+        loader=load_fashion_mnist,
+        defaults={},
+    )
+)
