@@ -74,7 +74,7 @@ def run(
     sample_steps: int = typer.Option(None, help="DDIM sampling steps."),
     timestep_spacing: str = typer.Option(None, help="leading | trailing | linspace | quad"),
     num_samples: int = typer.Option(None, help="Generated samples for FID/KID."),
-    fid_extractor: str = typer.Option(None, help="digits-net | inception-v3"),
+    fid_extractor: str = typer.Option(None, help="digits-net | fashion-net | inception-v3"),
     inception_weights: str = typer.Option(None, envvar="DIFFBENCH_INCEPTION_WEIGHTS", help="Inception .pt file."),
     latency_repeats: int = typer.Option(None, help="Timed sampling trajectories (median reported)."),
     latency_batch: int = typer.Option(None, help="Batch size of the latency measurement."),
