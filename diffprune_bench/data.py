@@ -473,6 +473,17 @@ register_dataset(
         name="fashion-mnist",
         description="Fashion-MNIST 28x28 (Debian dataset-fashion-mnist or --data-root); FID vs the 10,000 test images",
         loader=load_fashion_mnist,
-        defaults={},
+        defaults={
+            "preset": "fashion",
+            "base_steps": 6000,
+            "finetune_steps": 1000,
+            "scratch_steps": 6000,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "ema_decay": 0.995,
+            "sample_steps": 50,
+            "num_samples": 1000,
+            "fid_extractor": "fashion-net",
+        },
     )
 )
