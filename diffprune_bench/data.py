@@ -473,6 +473,10 @@ register_dataset(
         name="fashion-mnist",
         description="Fashion-MNIST 28x28 (Debian dataset-fashion-mnist or --data-root); FID vs the 10,000 test images",
         loader=load_fashion_mnist,
+        # Budgets are provisional until benchmarks/bench_base_plateau.py --dataset fashion-mnist has found
+        # where the base's FID flattens (as for digits). At ~0.24 s of CPU per training step (one thread,
+        # benchmarks/bench_fashion_preset.py) the base costs ~25 CPU minutes per seed, once (cached), a
+        # fine-tune ~4; 1,000 samples x 50 DDIM steps are ~1 CPU minute. FID floor at N = 1000: 0.23.
         defaults={
             "preset": "fashion",
             "base_steps": 6000,
