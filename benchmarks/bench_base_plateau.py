@@ -1,15 +1,19 @@
-"""FID of the digits base against its training steps, over several seeds: where does it plateau?
+"""FID of a dataset's base (digits by default) against its training steps, over several seeds: where does
+it plateau?
 
 The suite's base budget should sit at the plateau, or "pruning beats dense" only measures extra training
 on an under-trained base. One run per seed trains to the largest budget; because the learning rate is
 constant and the EMA warm-up depends only on the update count, the EMA weights after t steps of that
 run are exactly the base a run with ``base_steps = t`` caches (same data order, same noise stream). Each
-snapshot is scored under the suite's protocol (digits-net FID, the evaluation noise of that seed).
+snapshot is scored under the suite's protocol (the dataset's default FID extractor and sampler steps, the
+evaluation noise of that seed).
 
 The plateau is the smallest budget t at which 1.5 x t steps improve the seed-mean FID by less than the
-seed-to-seed std. Prints a table, writes ``results/plots/base_plateau.png`` and a CSV beside it.
+seed-to-seed std. Prints a table, writes ``results/plots/base_plateau.png`` (``base_plateau_<dataset>.png``
+for other datasets) and a CSV beside it.
 
     python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
+    python benchmarks/bench_base_plateau.py --dataset fashion-mnist --seeds 0 --steps 250 500 1000 2000
     python benchmarks/bench_base_plateau.py --from-csv a.csv b.csv   # one seed per process, combined
 """
 
@@ -66,6 +70,7 @@ def plateau(table: pd.DataFrame) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="any registered dataset (its defaults apply)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, nargs="+", default=[400, 600, 900, 1350, 2025, 3038])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -79,9 +84,8 @@ def main() -> None:
         return
     rows = []
     for seed in args.seeds:
-        cfg = resolve_config(make_config({"dataset": "digits", "seed": seed, "batch_size": args.batch_size,
-                                          "base_steps": max(args.steps), "num_samples": args.num_samples,
-                                          "sample_steps": 50, "fid_extractor": "digits-net"}))
+        cfg = resolve_config(make_config({"dataset": args.dataset, "seed": seed, "batch_size": args.batch_size,
+                                          "base_steps": max(args.steps), "num_samples": args.num_samples}))
         data = load_dataset(cfg.dataset)
         device = torch.device("cpu")
         seed_everything(seed)
@@ -89,7 +93,7 @@ def main() -> None:
         recorder = Snapshots([s for s in args.steps if s < max(args.steps)])
         ctx = make_context(cfg, data, device, max(args.steps))
         trainer = Trainer(model, recorder, ctx, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
-                          description=f"digits base, seed {seed}")
+                          description=f"{cfg.dataset} base, seed {seed}")
         recorder.trainer = trainer
         stats = trainer.train()
         recorder.kept[max(args.steps)] = model.eval()
@@ -97,8 +101,8 @@ def main() -> None:
         for steps, snapshot in sorted(recorder.kept.items()):
             samples = evaluator.sample(Deployable(snapshot), evaluator.noise)
             fid = fid_from_features(evaluator.extractor.features(samples), evaluator.reference)
-            rows.append({"seed": seed, "steps": steps, "images": steps * args.batch_size, "fid": fid,
-                         "floor": evaluator.floor})
+            rows.append({"dataset": cfg.dataset, "extractor": cfg.fid_extractor, "seed": seed, "steps": steps,
+                         "images": steps * args.batch_size, "fid": fid, "floor": evaluator.floor})
             print(f"seed {seed} steps {steps:>5}: FID {fid:.3f} (floor {evaluator.floor:.3f})", flush=True)
         print(f"seed {seed}: {stats.steps} steps in {stats.wall_s:.0f} s", flush=True)
     report(pd.DataFrame(rows), args)
@@ -111,9 +115,12 @@ def report(table: pd.DataFrame, args: argparse.Namespace) -> None:
     chosen = plateau(table)
     print(f"plateau (1.5x more steps improves FID by less than the seed std): {chosen} steps")
 
+    dataset = str(table["dataset"].iloc[0]) if "dataset" in table else "digits"
+    extractor = str(table["extractor"].iloc[0]) if "extractor" in table else "digits-net"
+    stem = "base_plateau" if dataset == "digits" else f"base_plateau_{dataset}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "base_plateau.csv", index=False)
+    table.to_csv(out / f"{stem}.csv", index=False)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(summary["steps"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3,
                 label=f"base, mean ± std over {table['seed'].nunique()} seeds")
@@ -122,12 +129,12 @@ def report(table: pd.DataFrame, args: argparse.Namespace) -> None:
         ax.axvline(chosen, color="tab:red", ls=":", label=f"plateau: {chosen} steps")
     ax.set_xscale("log")
     ax.set_xlabel(f"base training steps (batch {int(table['images'].iloc[0] / table['steps'].iloc[0])})")
-    ax.set_ylabel("FID (digits-net)")
-    ax.set_title("digits base: FID vs training budget")
+    ax.set_ylabel(f"FID ({extractor})")
+    ax.set_title(f"{dataset} base: FID vs training budget")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "base_plateau.png", dpi=120)
-    print(f"wrote {out / 'base_plateau.png'} and {out / 'base_plateau.csv'}")
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    print(f"wrote {out / f'{stem}.png'} and {out / f'{stem}.csv'}")
 
 
 if __name__ == "__main__":

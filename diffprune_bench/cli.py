@@ -107,7 +107,7 @@ def run(
                                          show_default=run_default("timestep_spacing")),
     num_samples: int = typer.Option(None, help="Generated samples for FID/KID.",
                                     show_default=run_default("num_samples")),
-    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | inception-v3",
+    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | fashion-net | inception-v3",
                                       show_default=run_default("fid_extractor")),
     inception_weights: str = typer.Option(None, envvar="DIFFBENCH_INCEPTION_WEIGHTS", help="Inception .pt file.",
                                           show_default="the cache's copy, else downloaded once"),

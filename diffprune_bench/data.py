@@ -458,3 +458,59 @@ register_dataset(
         defaults={"preset": "ddpm-celeba64", "base_steps": 500_000, **PAPER_PROTOCOL},
     )
 )
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+def load_fashion_mnist(root: str | None = None, resolution: int | None = None, **_: Any) -> DataBundle:
+    """Fashion-MNIST's 60,000 training images for training, its 10,000 test images as the FID reference
+    (train vs test, as CIFAR-10 protocols do), 28x28 grayscale scaled to [-1, 1] like digits.
+
+    The files come from ``--data-root`` or Debian's ``dataset-fashion-mnist`` (see ``fashion_mnist``),
+    checksum-verified. Images stay 28x28: the ``fashion`` preset halves 28 -> 14 -> 7, so no padding.
+    """
+    from diffprune_bench import fashion_mnist
+
+    if resolution not in (None, fashion_mnist.RESOLUTION):
+        raise BenchError(f"resolution {resolution} is not available for fashion-mnist (28x28 only)")
+    splits, folder = fashion_mnist.load_splits(root)
+
+    def tensors(split: str) -> TensorDataset:
+        images, labels = splits[split]
+        scaled = torch.from_numpy(images).float().div_(127.5).sub_(1.0).unsqueeze(1)  # uint8 -> [-1, 1] exactly
+        return TensorDataset(scaled, torch.from_numpy(labels))
+
+    return DataBundle(
+        name="fashion-mnist",
+        train=tensors("train"),
+        reference=tensors("test"),
+        resolution=fashion_mnist.RESOLUTION,
+        channels=1,
+        source=f"Fashion-MNIST from {folder} (60,000 train / 10,000 test, 28x28, MD5-verified, no padding)",
+        reference_split="test",
+    )
+
+
+register_dataset(
+    DatasetSpec(
+        name="fashion-mnist",
+        description="Fashion-MNIST 28x28 (Debian dataset-fashion-mnist or --data-root); FID vs the 10,000 test images",
+        loader=load_fashion_mnist,
+        # Budgets are provisional until benchmarks/bench_base_plateau.py --dataset fashion-mnist has found
+        # where the base's FID flattens (as for digits). At ~0.24 s of CPU per training step (one thread,
+        # benchmarks/bench_fashion_preset.py) the base costs ~25 CPU minutes per seed, once (cached), a
+        # fine-tune ~4; 1,000 samples x 50 DDIM steps are ~1 CPU minute. FID floor at N = 1000: 0.23.
+        defaults={
+            "preset": "fashion",
+            "base_steps": 6000,
+            "finetune_steps": 1000,
+            "scratch_steps": 6000,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "ema_decay": 0.995,
+            "sample_steps": 50,
+            "num_samples": 1000,
+            "fid_extractor": "fashion-net",
+            "threads": 1,  # bit-for-bit reproducible cells, by hand as in a sweep
+        },
+    )
+)

@@ -2,7 +2,8 @@
 
 Presets are plain ``UNet2DModel`` configs so that pretrained checkpoints load with no missing keys:
 ``ddpm-cifar10`` is exactly the config of google/ddpm-cifar10-32 (35.7 M params), ``ddpm-celeba64``
-the DDIM CelebA-64 network, ``tiny`` a small UNet for the embedded digits.
+the DDIM CelebA-64 network, ``tiny`` a small UNet for the embedded digits, ``fashion`` one for 28x28
+Fashion-MNIST.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ PRESETS.update({
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         "norm_num_groups": 8,
+        "attention_head_dim": 16,
+    },
+    # Fashion-MNIST at its native 28x28 (28 -> 14 -> 7, no padding), attention at 7x7 only. Sized for CPU
+    # suites: every 28x28 conv costs 12x its 8x8 counterpart, so widths are a quarter of tiny's at full
+    # resolution; 4 groups keep structured pruning able to halve every width (widths move by whole groups).
+    # Cost: benchmarks/bench_fashion_preset.py.
+    "fashion": {
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16, 32),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
         "attention_head_dim": 16,
     },
     "ddpm-cifar10": {

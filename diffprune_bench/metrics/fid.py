@@ -336,6 +336,16 @@ EXTRACTORS.update({
 })
 
 
+def _fashion_net(cache_dir: str | Path, **_: Any) -> FeatureExtractor:
+    """fashion-net lives in its own module (it imports this one for the extractor base class)."""
+    from diffprune_bench.metrics.fashion_net import FashionNetExtractor
+
+    return FashionNetExtractor(cache_dir)
+
+
+EXTRACTORS["fashion-net"] = _fashion_net
+
+
 def extractor_names() -> list[str]:
     return EXTRACTORS.names()
 

@@ -1,0 +1,166 @@
+"""``fashion-net``: the FID feature extractor of Fashion-MNIST, shipped like ``digits-net``.
+
+Inception-V3 was trained on ImageNet photos at 299x299; on 28x28 grayscale products its features mostly
+describe the upsampling. A small classifier trained on the dataset itself sees what tells its classes
+apart. Two conv layers (the classic Fashion-MNIST baseline, 91-93 % test accuracy) and a 64-d tanh
+bottleneck whose bounded activations are the features (clean-fid's polynomial KID kernel is only well
+conditioned for features of order one). The weights (220 k parameters, 0.9 MB) ship with the package and
+their hash is recorded in every record: a retrain on another CPU differs in its last bits, hence in FID.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffprune_bench.errors import BenchError
+from diffprune_bench.metrics.fid import FeatureExtractor, quantize_uint8
+from diffprune_bench.models import weights_hash
+
+FEATURES = 64
+
+
+class FashionNet(nn.Module):
+    """conv 3x3 (32) - pool - conv 3x3 (64) - pool - linear (64, tanh) - linear (10) on 28x28 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64 * 7 * 7, FEATURES), nn.Tanh(),
+        )
+        self.head = nn.Linear(FEATURES, 10)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+FASHION_NET_EPOCHS = 6
+FASHION_NET_SEED = 1234
+FASHION_NET_BATCH = 128
+
+
+def as_input(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> the net's input: uint8-quantised as a saved sample would be, back in [-1, 1]."""
+    return quantize_uint8(images.detach().float().cpu()) / 127.5 - 1
+
+
+def train_fashion_net(
+    images: torch.Tensor, labels: torch.Tensor, epochs: int = FASHION_NET_EPOCHS, log: bool = False
+) -> FashionNet:
+    """Deterministic training (fixed seed, one thread) on the training split; regenerates the shipped file.
+
+    One thread because a CPU's float reductions depend on how many threads split them (see digits-net)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(FASHION_NET_SEED)
+        net = FashionNet()
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        # halve the step size twice: the last epochs settle instead of oscillating around the optimum
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 2, 3 * epochs // 4], gamma=0.3)
+        generator = torch.Generator().manual_seed(FASHION_NET_SEED)
+        inputs = as_input(images)
+        for epoch in range(epochs):
+            net.train()
+            order = torch.randperm(len(inputs), generator=generator)
+            for start in range(0, len(order), FASHION_NET_BATCH):
+                idx = order[start : start + FASHION_NET_BATCH]
+                loss = nn.functional.cross_entropy(net(inputs[idx]), labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            schedule.step()
+            if log:
+                print(f"fashion-net epoch {epoch + 1}/{epochs}: last loss {loss.item():.4f}", flush=True)
+        return net.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def accuracy(net: FashionNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    correct = sum(int((net(as_input(images[i : i + batch_size])).argmax(1) == labels[i : i + batch_size]).sum())
+                  for i in range(0, len(images), batch_size))
+    return correct / len(images)
+
+
+#: the shipped weights and their ``weights_hash`` (recorded in every fashion-mnist record's protocol);
+#: ``python -m diffprune_bench.metrics.fashion_net`` retrains them and prints both
+FASHION_NET_WEIGHTS = Path(__file__).with_name("weights") / "fashion-net.safetensors"
+FASHION_NET_FINGERPRINT = "31bcf27ecee33ea5"
+
+
+def load_fashion_net(path: Path = FASHION_NET_WEIGHTS) -> FashionNet:
+    from safetensors.torch import load_file
+
+    net = FashionNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def test_split_accuracy(net: FashionNet) -> tuple[float | None, str]:
+    """Accuracy on the 10,000 test images (the FID reference), or (None, why) when the files are not found."""
+    from diffprune_bench.data import load_dataset
+
+    try:
+        images, labels = load_dataset("fashion-mnist").reference.tensors
+    except BenchError as error:
+        return None, str(error)
+    return accuracy(net, images, labels), ""
+
+
+class FashionNetExtractor(FeatureExtractor):
+    """Features of the shipped fashion-net; ``cache_dir`` is accepted for the common extractor signature."""
+
+    name = "fashion-net"
+
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
+        self.net = load_fashion_net()
+        self._fingerprint = weights_hash(self.net)
+        if self._fingerprint != FASHION_NET_FINGERPRINT:
+            raise BenchError(f"{FASHION_NET_WEIGHTS} has fingerprint {self._fingerprint}, "
+                             f"not the protocol's {FASHION_NET_FINGERPRINT}: reinstall the package")
+        self.test_accuracy, self.accuracy_unavailable = test_split_accuracy(self.net)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        info = {**super().describe(), "input": "28x28 uint8-quantised, no resize",
+                "features": f"penultimate ({FEATURES}, tanh)", "reference_accuracy": self.test_accuracy}
+        if self.accuracy_unavailable:
+            info["reference_accuracy_unavailable"] = self.accuracy_unavailable
+        return info
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+        chunks = [self.net.embed(as_input(images[i : i + batch_size])).numpy()
+                  for i in range(0, len(images), batch_size)]
+        return np.concatenate(chunks).astype(np.float64)
+
+
+def main() -> None:
+    """Retrain the shipped weights on the training split and print the test accuracy and fingerprint."""
+    from safetensors.torch import save_file
+
+    from diffprune_bench.data import load_dataset
+
+    data = load_dataset("fashion-mnist")
+    net = train_fashion_net(*data.train.tensors, log=True)
+    FASHION_NET_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(FASHION_NET_WEIGHTS))
+    print(f"test accuracy {accuracy(net, *data.reference.tensors):.4f}; "
+          f"fingerprint {weights_hash(load_fashion_net())}; wrote {FASHION_NET_WEIGHTS}")
+
+
+if __name__ == "__main__":
+    main()
