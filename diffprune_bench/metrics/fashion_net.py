@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.metrics.fid import FeatureExtractor, quantize_uint8
+from diffprune_bench.metrics.extractor import FeatureExtractor, quantize_uint8
 from diffprune_bench.models import weights_hash
 
 FEATURES = 64

@@ -39,6 +39,7 @@ from torch import nn
 from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.filemodes import atomic_write
 from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
+from diffprune_bench.metrics.extractor import FeatureExtractor, quantize_uint8  # noqa: F401 - re-exported
 from diffprune_bench.models import weights_hash
 from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 from diffprune_bench.registry import Registry
@@ -46,35 +47,6 @@ from diffprune_bench.results import warn
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-
-
-def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 values (as float tensor 0..255), as if saved to PNG."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round()
-
-
-class FeatureExtractor:
-    """Maps images in [-1, 1] (NCHW) to feature vectors; ``fingerprint`` identifies the weights."""
-
-    name: str = ""
-
-    def fingerprint(self) -> str:
-        raise NotImplementedError
-
-    def features(self, images: torch.Tensor, batch_size: int = 500, show: bool = True) -> np.ndarray:
-        """Features of ``images``, with progress (``show``) when the extraction takes a while."""
-        raise NotImplementedError
-
-    def _chunks(self, count: int, batch_size: int, show: bool) -> Iterable[int]:
-        """Start indices of the batches, shown as progress (FID of 50K samples takes minutes)."""
-        starts = range(0, count, batch_size)
-        if not show:
-            return starts
-        return progress_bar(starts, desc=f"{self.name} features", unit="batch", leave=False, delay=PHASE_DELAY_S)
-
-    def describe(self) -> dict[str, Any]:
-        """How images become features (recorded in the FID protocol of every record)."""
-        return {"name": self.name, "fingerprint": self.fingerprint()}
 
 
 def extract_features(extractor: FeatureExtractor, images: torch.Tensor | Iterable[torch.Tensor]) -> np.ndarray:

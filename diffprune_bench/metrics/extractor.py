@@ -1,0 +1,44 @@
+"""What every FID feature extractor is: images in [-1, 1] -> features, weights fingerprinted.
+
+Apart from :mod:`diffprune_bench.metrics.fid` (which registers the extractors) so that an extractor
+living in a module of its own (fashion-net) can subclass it without importing the registry back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
+
+
+def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 values (as float tensor 0..255), as if saved to PNG."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round()
+
+
+class FeatureExtractor:
+    """Maps images in [-1, 1] (NCHW) to feature vectors; ``fingerprint`` identifies the weights."""
+
+    name: str = ""
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor, batch_size: int = 500, show: bool = True) -> np.ndarray:
+        """Features of ``images``, with progress (``show``) when the extraction takes a while."""
+        raise NotImplementedError
+
+    def _chunks(self, count: int, batch_size: int, show: bool) -> Iterable[int]:
+        """Start indices of the batches, shown as progress (FID of 50K samples takes minutes)."""
+        starts = range(0, count, batch_size)
+        if not show:
+            return starts
+        return progress_bar(starts, desc=f"{self.name} features", unit="batch", leave=False, delay=PHASE_DELAY_S)
+
+    def describe(self) -> dict[str, Any]:
+        """How images become features (recorded in the FID protocol of every record)."""
+        return {"name": self.name, "fingerprint": self.fingerprint()}
