@@ -39,9 +39,10 @@ REPRODUCIBILITY_NOTE = (
     "every run fixes its CPU thread count (digits: 1, the same by hand and in a sweep), so a cell re-run on "
     "the same machine reproduces its FID bit for bit (`diffbench leaderboard --from-data` re-renders these "
     "tables from the committed samples without running a model). On another CPU, float reductions differ in "
-    "their last bits and training amplifies them: an independent re-run of the round-2 digits table moved "
-    "per-seed FIDs by up to 0.025 (5.3 %; dense seed 0: 0.470 vs 0.445, magnitude 0.5 seed 0: 0.821 vs "
-    "0.840), less than the seed-to-seed spread of any row; compare tables made on different machines through "
+    "their last bits and training amplifies them: re-runs of round-2 digits cells on other machines moved "
+    "per-seed FIDs by up to 0.025 (5.3 %; dense seed 0: 0.470 and 0.437 vs 0.445, dense seed 1: 0.500 vs "
+    "0.474, magnitude 0.5 seed 0: 0.840 vs 0.821), less than the seed-to-seed spread of any row; compare "
+    "tables made on different machines through "
     "their intervals, not their last digits. The CI regression tolerance, max(3 × seed std, 8 % of the "
     "mean, 0.03 FID), covers that move"
 )
