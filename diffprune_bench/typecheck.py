@@ -23,7 +23,8 @@ def _options(hint: Any) -> tuple[Any, ...]:
 
 
 def matches(value: Any, hint: Any) -> bool:
-    """True when ``value`` fits ``hint`` (an int fits a float; a list fits a tuple, as YAML has no tuples)."""
+    """True when ``value`` fits ``hint`` (an int fits a float; a list fits a tuple, as YAML has no tuples; a
+    single item fits a list of such items, as a command-line ``-p name=value`` gives one)."""
     for option in _options(hint):
         if option is Any or option is typing.Any:
             return True
@@ -33,10 +34,12 @@ def matches(value: Any, hint: Any) -> bool:
             continue
         origin = typing.get_origin(option)
         if origin in (list, tuple):
+            inner = [a for a in typing.get_args(option) if a is not Ellipsis]
             if isinstance(value, (list, tuple)):
-                inner = [a for a in typing.get_args(option) if a is not Ellipsis]
                 if len(inner) != 1 or all(matches(item, inner[0]) for item in value):
                     return True
+            elif len(inner) == 1 and inner[0] is not list and matches(value, inner[0]):
+                return True  # one item where a list is wanted (``-p dense_layers=conv_*``): methods wrap it
             continue
         if origin is not None or not isinstance(option, type):
             return True  # a shape not understood here: the method's own checks decide

@@ -196,7 +196,7 @@ def test_cell_config_carries_suite_options_and_method_params(toy_method):
 def test_bundled_suites_are_valid():
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     full = load_suite(root / "digits.yaml")
-    assert full.sparsities == [0.5, 0.75] and len(full.seeds) == 2
+    assert full.sparsities == [0.5, 0.75] and len(full.seeds) == 5
     # DeepCache's shallow branch runs every step: its saving stops near 53 %, so it has no 0.75 cell
     assert sorted({c.sparsity for c in full.cells() if c.method == "deepcache" and not c.then}) == [0.5]
     assert full.methods == [m for m in registry.method_names() if m != "dense"]
