@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffprune_bench.metrics.extractor import fit_classifier
+
 DIGITS_MLP_EPOCHS = 60
 DIGITS_MLP_SEED = 4321
 DIGITS_MLP_WEIGHTS = Path(__file__).with_name("weights") / "digits-mlp.safetensors"
@@ -45,26 +47,11 @@ def train_digits_mlp(inputs: torch.Tensor, labels: torch.Tensor, epochs: int = D
 
     One thread because a CPU's float reductions depend on how many threads split them (see
     ``train_digits_net``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(DIGITS_MLP_SEED)
-        net = DigitsMLP()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        generator = torch.Generator().manual_seed(DIGITS_MLP_SEED)
-        for _ in range(epochs):
-            order = torch.randperm(len(inputs), generator=generator)
-            for start in range(0, len(order), 32):
-                idx = order[start : start + 32]
-                loss = nn.functional.cross_entropy(net(inputs[idx]), labels[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            schedule.step()
-        return net.eval()
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(DIGITS_MLP_SEED)
+    net = DigitsMLP()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return fit_classifier(net, inputs, labels, optimizer, epochs, 32, DIGITS_MLP_SEED, schedule)
 
 
 def load_digits_mlp(path: Path = DIGITS_MLP_WEIGHTS) -> DigitsMLP:

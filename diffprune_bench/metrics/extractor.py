@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 
@@ -42,3 +43,33 @@ class FeatureExtractor:
     def describe(self) -> dict[str, Any]:
         """How images become features (recorded in the FID protocol of every record)."""
         return {"name": self.name, "fingerprint": self.fingerprint()}
+
+
+def fit_classifier(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   epochs: int, batch_size: int, seed: int, schedule: Any = None,
+                   log: str | None = None) -> nn.Module:
+    """Train an extractor's classifier: cross-entropy over mini-batches in a seeded order, the schedule
+    stepped per epoch, on one thread (restored after). Every shipped extractor is trained this way, so its
+    weights can be regenerated bit for bit on the CPU that made them (a CPU's float reductions depend on how
+    many threads split them). ``log`` names the net in one line per epoch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        for epoch in range(epochs):
+            net.train()
+            order = torch.randperm(len(inputs), generator=generator)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                loss = nn.functional.cross_entropy(net(inputs[idx]), labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            if log:
+                print(f"{log} epoch {epoch + 1}/{epochs}: last loss {loss.item():.4f}", flush=True)
+        return net.eval()
+    finally:
+        torch.set_num_threads(threads)
+

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.metrics.extractor import FeatureExtractor, quantize_uint8
+from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, quantize_uint8
 from diffprune_bench.models import weights_hash
 
 FEATURES = 64
@@ -59,31 +59,13 @@ def train_fashion_net(
     """Deterministic training (fixed seed, one thread) on the training split; regenerates the shipped file.
 
     One thread because a CPU's float reductions depend on how many threads split them (see digits-net)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(FASHION_NET_SEED)
-        net = FashionNet()
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        # halve the step size twice: the last epochs settle instead of oscillating around the optimum
-        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 2, 3 * epochs // 4], gamma=0.3)
-        generator = torch.Generator().manual_seed(FASHION_NET_SEED)
-        inputs = as_input(images)
-        for epoch in range(epochs):
-            net.train()
-            order = torch.randperm(len(inputs), generator=generator)
-            for start in range(0, len(order), FASHION_NET_BATCH):
-                idx = order[start : start + FASHION_NET_BATCH]
-                loss = nn.functional.cross_entropy(net(inputs[idx]), labels[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            schedule.step()
-            if log:
-                print(f"fashion-net epoch {epoch + 1}/{epochs}: last loss {loss.item():.4f}", flush=True)
-        return net.eval()
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(FASHION_NET_SEED)
+    net = FashionNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    # halve the step size twice: the last epochs settle instead of oscillating around the optimum
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 2, 3 * epochs // 4], gamma=0.3)
+    return fit_classifier(net, as_input(images), labels, optimizer, epochs, FASHION_NET_BATCH, FASHION_NET_SEED,
+                          schedule, log="fashion-net" if log else None)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from torch import nn
 from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.filemodes import atomic_write
 from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
-from diffprune_bench.metrics.extractor import FeatureExtractor, quantize_uint8  # noqa: F401 - re-exported
+from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, quantize_uint8  # noqa: F401 - re-exported
 from diffprune_bench.models import weights_hash
 from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 from diffprune_bench.registry import Registry
@@ -105,17 +105,7 @@ def _train_digits_net(images: torch.Tensor, labels: torch.Tensor, epochs: int) -
     torch.manual_seed(DIGITS_NET_SEED)
     net = DigitsNet()
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(DIGITS_NET_SEED)
-    inputs = quantize_uint8(images) / 127.5 - 1
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        for start in range(0, len(order), 64):
-            idx = order[start : start + 64]
-            loss = nn.functional.cross_entropy(net(inputs[idx]), labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval()
+    return fit_classifier(net, quantize_uint8(images) / 127.5 - 1, labels, optimizer, epochs, 64, DIGITS_NET_SEED)
 
 
 def digits_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
