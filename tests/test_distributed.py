@@ -200,7 +200,8 @@ def test_torchrun_run_writes_one_record_that_matches_one_process(tiny_config, tm
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(free_port()), "-m", "diffprune_bench.cli", "run", "--method", "static",
                "--sparsity", "0.5", "--results-dir", str(tmp_path / "multi"), "--cache-dir", cfg.cache_dir,
-               "--base-steps", str(cfg.base_steps), "--batch-size", str(cfg.batch_size), "--device", "cpu",
+               "--base-steps", str(cfg.base_steps), "--scratch-steps", str(cfg.scratch_steps),
+               "--batch-size", str(cfg.batch_size), "--device", "cpu",
                "--sample-steps", str(cfg.sample_steps), "--num-samples", str(cfg.num_samples),
                "--latency-repeats", "1", "--latency-batch", str(cfg.latency_batch)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
