@@ -354,3 +354,16 @@ def test_pairwise_letters_second_feature_space_and_prdc(tmp_path):
     assert {"letters", "fid@other-net", "precision", "recall", "density", "coverage"} <= set(csv.columns)
     heatmap = out / "plots" / f"pairwise_{group.slug}_s0.5.png"
     assert heatmap.read_bytes().startswith(b"\x89PNG") and f"](plots/{heatmap.name})" in markdown
+
+
+def test_rows_with_one_seed_are_said_to_be_provisional(records_dir, tmp_path):
+    save(records_dir, make_record("random", 0.5, 0, 3.3))  # one seed only
+    (group,) = lb.build(load_records(records_dir)).groups
+    (note,) = [n for n in lb.group_notes(group) if "one seed" in n]
+    assert note.startswith(f"1 of {len(group.table)} rows have one seed")
+    two_seeds = tmp_path / "two"
+    for (method, sparsity), fids in FIDS.items():
+        for seed, fid in enumerate(fids):
+            save(two_seeds, make_record(method, sparsity, seed, fid))
+    (group,) = lb.build(load_records(two_seeds)).groups
+    assert not [n for n in lb.group_notes(group) if "one seed" in n]

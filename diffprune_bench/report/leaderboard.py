@@ -533,6 +533,11 @@ def group_notes(group: Group) -> list[str]:
     notes = []
     if stats.homogeneity is not None:
         notes.append(f"Intervals: {stats.homogeneity.describe()}.")
+    single = int((pd.to_numeric(group.table.get("n_seeds"), errors="coerce") == 1).sum()) \
+        if "n_seeds" in group.table else 0
+    if single:
+        notes.append(f"{single} of {len(group.table)} rows have one seed: their intervals, letters and tests "
+                     "cover the sampling noise only (no seed-to-seed spread yet), so they are provisional.")
     for name, by_target in sorted(stats.agreement.items()):
         labels = {i: row_label(group.table.loc[i]) for i in group.table.index}
         text = "; ".join(a.describe(labels.__getitem__) for _, a in sorted(by_target.items()))
