@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffprune_bench.metrics.extractor import fit_classifier
+from diffprune_bench.metrics.extractor import fit_classifier, load_shipped
 
 DIGITS_MLP_EPOCHS = 60
 DIGITS_MLP_SEED = 4321
@@ -55,8 +55,4 @@ def train_digits_mlp(inputs: torch.Tensor, labels: torch.Tensor, epochs: int = D
 
 
 def load_digits_mlp(path: Path = DIGITS_MLP_WEIGHTS) -> DigitsMLP:
-    from safetensors.torch import load_file
-
-    net = DigitsMLP()
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
+    return load_shipped(DigitsMLP(), path)

@@ -7,6 +7,7 @@ living in a module of its own (fashion-net) can subclass it without importing th
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,4 +73,13 @@ def fit_classifier(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, o
         return net.eval()
     finally:
         torch.set_num_threads(threads)
+
+
+def load_shipped(net: nn.Module, path: str | Path) -> nn.Module:
+    """``net`` with the shipped safetensors weights at ``path``, in eval mode (every extractor loads its
+    weights this way; the fingerprint check is the extractor's)."""
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
 

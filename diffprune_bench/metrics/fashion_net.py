@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, quantize_uint8
+from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, load_shipped, quantize_uint8
 from diffprune_bench.models import weights_hash
 
 FEATURES = 64
@@ -82,11 +82,7 @@ FASHION_NET_FINGERPRINT = "31bcf27ecee33ea5"
 
 
 def load_fashion_net(path: Path = FASHION_NET_WEIGHTS) -> FashionNet:
-    from safetensors.torch import load_file
-
-    net = FashionNet()
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
+    return load_shipped(FashionNet(), path)
 
 
 def test_split_accuracy(net: FashionNet) -> tuple[float | None, str]:

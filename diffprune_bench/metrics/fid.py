@@ -39,7 +39,7 @@ from torch import nn
 from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.filemodes import atomic_write
 from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
-from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, quantize_uint8  # noqa: F401 - re-exported
+from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, load_shipped, quantize_uint8  # noqa: F401 - re-exported
 from diffprune_bench.models import weights_hash
 from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 from diffprune_bench.registry import Registry
@@ -122,11 +122,7 @@ DIGITS_NET_FINGERPRINT = "2a43975d25807927"
 
 
 def load_digits_net(path: Path = DIGITS_NET_WEIGHTS) -> DigitsNet:
-    from safetensors.torch import load_file
-
-    net = DigitsNet()
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
+    return load_shipped(DigitsNet(), path)
 
 
 class ShippedDigitsExtractor(FeatureExtractor):
