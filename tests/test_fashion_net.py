@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from thread_counts import at_two_thread_counts
 
 from diffprune_bench import fashion_mnist
 from diffprune_bench.config import make_config
@@ -78,13 +79,7 @@ def test_fashion_net_is_registered_and_the_datasets_default():
 def test_training_is_deterministic_whatever_the_thread_count():
     torch.manual_seed(5)
     images, labels = torch.rand(256, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (256,))
-    threads = torch.get_num_threads()
-    first = weights_hash(train_fashion_net(images, labels, epochs=1))
-    torch.set_num_threads(1 if threads > 1 else 2)
-    try:
-        second = weights_hash(train_fashion_net(images, labels, epochs=1))
-    finally:
-        torch.set_num_threads(threads)
+    first, second = at_two_thread_counts(lambda: weights_hash(train_fashion_net(images, labels, epochs=1)))
     assert first == second
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from thread_counts import at_two_thread_counts
 from typer.testing import CliRunner
 
 from diffprune_bench import harness
@@ -42,13 +43,7 @@ def test_digits_mlp_weights_with_another_fingerprint_are_refused(monkeypatch, tm
 def test_digits_mlp_training_is_deterministic_whatever_the_thread_count():
     inputs = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     labels = torch.arange(200) % 10
-    threads = torch.get_num_threads()
-    first = weights_hash(train_digits_mlp(inputs, labels, epochs=2))
-    torch.set_num_threads(1 if threads > 1 else 2)
-    try:
-        second = weights_hash(train_digits_mlp(inputs, labels, epochs=2))
-    finally:
-        torch.set_num_threads(threads)
+    first, second = at_two_thread_counts(lambda: weights_hash(train_digits_mlp(inputs, labels, epochs=2)))
     assert first == second
 
 

@@ -39,7 +39,12 @@ from torch import nn
 from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.filemodes import atomic_write
 from diffprune_bench.metrics.digits_mlp import DIGITS_MLP_FINGERPRINT, DIGITS_MLP_WEIGHTS, load_digits_mlp
-from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, load_shipped, quantize_uint8  # noqa: F401 - re-exported
+from diffprune_bench.metrics.extractor import (  # noqa: F401 - FeatureExtractor, quantize_uint8 re-exported
+    FeatureExtractor,
+    fit_classifier,
+    load_shipped,
+    quantize_uint8,
+)
 from diffprune_bench.models import weights_hash
 from diffprune_bench.progress import PHASE_DELAY_S, progress_bar
 from diffprune_bench.registry import Registry
