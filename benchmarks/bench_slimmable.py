@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from bench_structural import forward_latency  # the same interleaved timing as the pruned UNets
 
 from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model
@@ -26,20 +26,8 @@ from diffprune_bench.toolkit.slimmable import WIDTHS, WidthView, make_slimmable
 
 def width_latency(slim: torch.nn.Module, batch: int, repeats: int, warmup: int = 1) -> dict[float, list[float]]:
     """Seconds of ``repeats`` no-grad forwards per width of the slimmable UNet ``slim``, rounds interleaved."""
-    config = slim.config
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, config.in_channels, config.sample_size, config.sample_size), generator=generator)
-    t = torch.full((batch,), 500)
     views = {width: WidthView(slim, width) for width in WIDTHS}
-    times: dict[float, list[float]] = {width: [] for width in WIDTHS}
-    with torch.no_grad():
-        for round_index in range(warmup + repeats):
-            for width, view in views.items():
-                started = time.perf_counter()
-                view(x, t)
-                if round_index >= warmup:
-                    times[width].append(time.perf_counter() - started)
-    return times
+    return forward_latency(views, batch, repeats, warmup, config=slim.config)
 
 
 def main() -> None:

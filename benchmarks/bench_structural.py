@@ -33,13 +33,15 @@ from diffprune_bench.toolkit.structural import ChannelPlan, SeededRandomImportan
 METHODS = ("random", "magnitude", "taylor", "diff-pruning", "reinit")
 
 
-def forward_latency(models: dict[str, nn.Module], batch: int, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of ``repeats`` no-grad forwards per model, rounds interleaved across the models."""
-    config = next(iter(models.values())).config
+def forward_latency(models: dict[Any, nn.Module], batch: int, repeats: int, warmup: int = 1,
+                    config: Any = None) -> dict[Any, list[float]]:
+    """Seconds of ``repeats`` no-grad forwards per model, rounds interleaved across the models (``config``:
+    the UNet config giving the input shape; default: the first model's)."""
+    config = config or next(iter(models.values())).config
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch, config.in_channels, config.sample_size, config.sample_size), generator=generator)
     t = torch.randint(0, 1000, (batch,), generator=generator)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[Any, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for round_index in range(warmup + repeats):
             for name, model in models.items():
