@@ -38,12 +38,15 @@ bench: $(STAMP)
 # Sweep the digits suite (resumes: cells with an ok record are skipped), then refresh the committed raw data
 # results/data/digits and render results/ from it, even when some cells failed (they are listed apart); the
 # exit status still reports the failures. `make rerender` renders the committed data again, running no model.
+# Tables of the other committed suites (results/data/<suite>: fashion, digits-ft1000) are rendered beside it.
+COMMITTED_SUITES := $(sort digits $(notdir $(patsubst %/manifest.json,%,$(wildcard results/data/*/manifest.json))))
+
 leaderboard: $(STAMP)
 	$(BIN)/diffbench sweep benchmarks/digits.yaml --jobs 2; status=$$?; \
-	$(BIN)/diffbench leaderboard --suite digits && exit $$status
+	$(BIN)/diffbench leaderboard $(foreach suite,$(COMMITTED_SUITES),--suite $(suite)) && exit $$status
 
 rerender: $(STAMP)
-	$(BIN)/diffbench leaderboard --from-data results/data/digits
+	$(BIN)/diffbench leaderboard $(foreach suite,$(COMMITTED_SUITES),--from-data results/data/$(suite))
 
 # The picture of results/site/index.html the docs show (headless Chromium; fails on a blank page or JS error).
 site-screenshot: $(STAMP)

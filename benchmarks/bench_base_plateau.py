@@ -15,6 +15,12 @@ for other datasets) and a CSV beside it.
     python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
     python benchmarks/bench_base_plateau.py --dataset fashion-mnist --seeds 0 --steps 250 500 1000 2000
     python benchmarks/bench_base_plateau.py --from-csv a.csv b.csv   # one seed per process, combined
+    python benchmarks/bench_base_plateau.py --dataset fashion-mnist --seeds 0 --steps 1000 2000 \
+        --save-dir snapshots/   # also keep every snapshot as a save_pretrained folder (a base to ship)
+
+Training runs at the dataset's thread count (``threads``, 1 for digits and fashion-mnist), as its runs do,
+so a snapshot is bit for bit the base ``diffbench run --base-steps t`` trains on the same machine. Each
+scored snapshot is appended to ``<out>/<stem>.<seed>.partial.csv`` at once, so a stopped run loses nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from diffprune_bench.base_model import BaseModel, make_context, seed_everything 
 from diffprune_bench.config import make_config  # noqa: E402
 from diffprune_bench.data import load_dataset  # noqa: E402
 from diffprune_bench.evaluator import Evaluator  # noqa: E402
-from diffprune_bench.harness import resolve_config  # noqa: E402
+from diffprune_bench.harness import fixed_threads, resolve_config  # noqa: E402
 from diffprune_bench.metrics.fid import fid_from_features  # noqa: E402
-from diffprune_bench.models import build_model  # noqa: E402
+from diffprune_bench.models import build_model, weights_hash  # noqa: E402
 from diffprune_bench.registry import Deployable, Method  # noqa: E402
 from diffprune_bench.trainer import Trainer  # noqa: E402
 
@@ -76,6 +82,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--out", default="results/plots")
+    parser.add_argument("--save-dir", default=None,
+                        help="write each snapshot as <save-dir>/<dataset>-seed<S>-steps<T>/ (save_pretrained)")
     parser.add_argument("--from-csv", nargs="+", default=None,
                         help="skip training: combine the CSVs of earlier runs (e.g. one seed each) into one curve")
     args = parser.parse_args()
@@ -84,10 +92,20 @@ def main() -> None:
         return
     rows = []
     for seed in args.seeds:
-        cfg = resolve_config(make_config({"dataset": args.dataset, "seed": seed, "batch_size": args.batch_size,
-                                          "base_steps": max(args.steps), "num_samples": args.num_samples}))
-        data = load_dataset(cfg.dataset)
-        device = torch.device("cpu")
+        rows += train_and_score(args, seed)
+    report(pd.DataFrame(rows), args)
+
+
+def train_and_score(args: argparse.Namespace, seed: int) -> list[dict]:
+    """One seed: train to the largest budget at the dataset's thread count, score every snapshot."""
+    cfg = resolve_config(make_config({"dataset": args.dataset, "seed": seed, "batch_size": args.batch_size,
+                                      "base_steps": max(args.steps), "num_samples": args.num_samples}))
+    data = load_dataset(cfg.dataset)
+    device = torch.device("cpu")
+    rows = []
+    partial = Path(args.out) / f"{stem_of(cfg.dataset)}.{seed}.partial.csv"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with fixed_threads(cfg.threads):
         seed_everything(seed)
         model = build_model(cfg.preset, seed=seed).to(device)
         recorder = Snapshots([s for s in args.steps if s < max(args.steps)])
@@ -99,13 +117,21 @@ def main() -> None:
         recorder.kept[max(args.steps)] = model.eval()
         evaluator = Evaluator(cfg, data, device, BaseModel(model, {}))
         for steps, snapshot in sorted(recorder.kept.items()):
+            if args.save_dir:
+                snapshot.save_pretrained(Path(args.save_dir) / f"{cfg.dataset}-seed{seed}-steps{steps}")
             samples = evaluator.sample(Deployable(snapshot), evaluator.noise)
             fid = fid_from_features(evaluator.extractor.features(samples), evaluator.reference)
             rows.append({"dataset": cfg.dataset, "extractor": cfg.fid_extractor, "seed": seed, "steps": steps,
-                         "images": steps * args.batch_size, "fid": fid, "floor": evaluator.floor})
+                         "images": steps * args.batch_size, "fid": fid, "floor": evaluator.floor,
+                         "threads": cfg.threads, "weights": weights_hash(snapshot)})
+            pd.DataFrame(rows).to_csv(partial, index=False)
             print(f"seed {seed} steps {steps:>5}: FID {fid:.3f} (floor {evaluator.floor:.3f})", flush=True)
-        print(f"seed {seed}: {stats.steps} steps in {stats.wall_s:.0f} s", flush=True)
-    report(pd.DataFrame(rows), args)
+    print(f"seed {seed}: {stats.steps} steps in {stats.wall_s:.0f} s", flush=True)
+    return rows
+
+
+def stem_of(dataset: str) -> str:
+    return "base_plateau" if dataset == "digits" else f"base_plateau_{dataset}"
 
 
 def report(table: pd.DataFrame, args: argparse.Namespace) -> None:
@@ -117,7 +143,7 @@ def report(table: pd.DataFrame, args: argparse.Namespace) -> None:
 
     dataset = str(table["dataset"].iloc[0]) if "dataset" in table else "digits"
     extractor = str(table["extractor"].iloc[0]) if "extractor" in table else "digits-net"
-    stem = "base_plateau" if dataset == "digits" else f"base_plateau_{dataset}"
+    stem = stem_of(dataset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / f"{stem}.csv", index=False)

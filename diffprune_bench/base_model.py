@@ -6,6 +6,7 @@ own training uses as every method's training does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from diffprune_bench.config import RunConfig
@@ -29,6 +31,7 @@ from diffprune_bench.metrics.macs import count_macs
 from diffprune_bench.models import build_model, load_pretrained_with_info, weights_hash
 from diffprune_bench.registry import Method
 from diffprune_bench.results import warn
+from diffprune_bench.shipped_bases import pretrained_base
 from diffprune_bench.trainer import Trainer
 
 
@@ -92,13 +95,27 @@ def make_context(
 def get_base_model(cfg: RunConfig, data: DataBundle, device: torch.device) -> BaseModel:
     """The dense base every method starts from: a pretrained checkpoint, or ours, trained once and cached
     (a damaged cache entry is trained again, with a warning, rather than failing every run that reads it)."""
-    if cfg.base:
+    if pretrained_base(cfg):
         model, loaded = load_pretrained_with_info(cfg.base, cfg.preset)
         model = model.to(device).eval()
-        return BaseModel(model, {"source": cfg.base, "hash": weights_hash(model), "cached": True, "train": None,
+        # a shipped base's recipe says how long it trained (images seen count in a row's training compute)
+        train = (loaded.get("recipe") or {}).get("train")
+        return BaseModel(model, {"source": cfg.base, "hash": weights_hash(model), "cached": True, "train": train,
                                  "pretrained": loaded})
     key = base_cache_key(cfg, data)
     folder = Path(cfg.cache_dir) / "bases" / key
+    # one process trains a base; another that wants the same base waits and loads it (rank 0 alone takes
+    # the lock: the ranks of one distributed run train it together)
+    with _training_lock(folder) if current_distributed().is_main else contextlib.nullcontext():
+        return _cached_or_trained(cfg, data, device, key, folder)
+
+
+def _training_lock(folder: Path) -> FileLock:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder.with_name(f".{folder.name}.lock")))
+
+
+def _cached_or_trained(cfg: RunConfig, data: DataBundle, device: torch.device, key: str, folder: Path) -> BaseModel:
     if current_distributed().broadcast_object((folder / "base.json").is_file()):  # rank 0 decides for all
         from diffusers import UNet2DModel
 

@@ -76,8 +76,10 @@ def run(
     config: Path = typer.Option(None, "--config", "-c", help="YAML file with any of these options.",
                                 show_default="none"),
     preset: str = typer.Option(None, help="UNet preset.", show_default=run_default("preset")),
-    base: str = typer.Option(None, help="Pretrained base: save_pretrained folder or hub id.",
-                             show_default="none: train the dense base once and cache it"),
+    base: str = typer.Option(None, help="Pretrained base: save_pretrained folder, hub id, or the name of a "
+                             "base shipped with the package (`fashion-mnist`); `train` trains one.",
+                             show_default="dataset default; digits: train the base once and cache it; "
+                             "fashion-mnist: the shipped base"),
     device: str = typer.Option(None, help="auto | cpu | cuda", show_default=run_default("device")),
     data_root: str = typer.Option(None, envvar="DIFFBENCH_DATA", help="Folder holding real datasets.",
                                   show_default="./data"),
@@ -107,7 +109,7 @@ def run(
                                          show_default=run_default("timestep_spacing")),
     num_samples: int = typer.Option(None, help="Generated samples for FID/KID.",
                                     show_default=run_default("num_samples")),
-    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | fashion-net | inception-v3",
+    fid_extractor: str = typer.Option(None, help="digits-net | digits-mlp | fashion-net | fashion-mlp | inception-v3",
                                       show_default=run_default("fid_extractor")),
     inception_weights: str = typer.Option(None, envvar="DIFFBENCH_INCEPTION_WEIGHTS", help="Inception .pt file.",
                                           show_default="the cache's copy, else downloaded once"),

@@ -215,7 +215,7 @@ class RunConfig:
                 raise BenchError(
                     f"unknown FID extractor {self.fid_extractor!r}; available: {', '.join(extractor_names())}"
                 )
-        if self.base:
+        if self.base and self.base != "train":  # shipped_bases.TRAIN_KEYWORD: train and cache one
             from diffprune_bench.models import check_local_base
 
             check_local_base(self.base)

@@ -495,6 +495,7 @@ register_dataset(
         name="fashion-mnist",
         description="Fashion-MNIST 28x28 (Debian dataset-fashion-mnist or --data-root); FID vs the 10,000 test images",
         loader=load_fashion_mnist,
+        secondary_extractors=("fashion-mlp",),
         # Budgets are provisional until benchmarks/bench_base_plateau.py --dataset fashion-mnist has found
         # where the base's FID flattens (as for digits). At ~0.24 s of CPU per training step (one thread,
         # benchmarks/bench_fashion_preset.py) the base costs ~25 CPU minutes per seed, once (cached), a

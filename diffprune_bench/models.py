@@ -19,6 +19,7 @@ from torch import nn
 
 from diffprune_bench.errors import BenchError, first_line
 from diffprune_bench.registry import Registry
+from diffprune_bench.shipped_bases import shipped_base_folder, shipped_base_names, shipped_recipe
 
 PRESETS: Registry[dict[str, Any]] = Registry("preset")
 PRESETS.update({
@@ -124,6 +125,8 @@ def _local_layout(path: Path, source: str) -> str | None:
 def check_local_base(source: str) -> None:
     """Refuse, before any work, a ``--base`` that names an existing local path without a loadable layout
     (a file, or a folder without config.json and weights); hub ids and missing paths are judged on load."""
+    if shipped_base_folder(source) is not None:
+        return
     path = Path(source).expanduser()
     if path.exists():
         _local_layout(path, source)
@@ -200,9 +203,11 @@ def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[U
     The UNet may sit at the root (``save_pretrained`` of a model, google/ddpm-*) or in ``unet/``
     (pipeline layout). Every weight must load (no missing, unexpected or mismatched keys: diffusers
     would otherwise leave them randomly initialised), the config must match ``preset`` and a scheduler
-    config, when present, must be our DDPM schedule, so rows stay comparable.
+    config, when present, must be our DDPM schedule, so rows stay comparable. A bare name of a base shipped
+    with the package (``shipped_bases``) loads that base.
     """
-    path = Path(source).expanduser()
+    shipped = shipped_base_folder(source)
+    path = shipped if shipped is not None else Path(source).expanduser()
     local = path.exists()
     files: set[str] = set()
     cached = False
@@ -211,7 +216,9 @@ def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[U
         target: str | Path = path
     else:
         if source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise BenchError(f"base checkpoint {source!r} does not exist (give a save_pretrained folder or a hub id)")
+            names = ", ".join(shipped_base_names()) or "none"
+            raise BenchError(f"base checkpoint {source!r} does not exist (give a save_pretrained folder, a hub id "
+                             f"or a shipped base: {names})")
         subfolder, cached, files = _hub_layout(source)
         target = source
     try:
@@ -235,11 +242,14 @@ def load_pretrained_with_info(source: str, preset: str | None = None) -> tuple[U
         check_schedule(scheduler, source)
     info = {
         "source": source,
-        "location": str(path.resolve()) if local else "huggingface hub" + (" (local cache)" if cached else ""),
+        "location": ("shipped with diffprune_bench" if shipped is not None else str(path.resolve()) if local
+                     else "huggingface hub" + (" (local cache)" if cached else "")),
         "subfolder": subfolder,
         "scheduler_config": scheduler_file,
         "diffusers_version": model.config.get("_diffusers_version"),
     }
+    if shipped is not None:
+        info["recipe"] = shipped_recipe(source)
     return model, info
 
 

@@ -21,6 +21,7 @@ def protocol(num_samples: int = 500, steps: int = 20, extractor: str = "digits-n
     return {
         "extractor": extractor,
         "extractor_fingerprint": "2a43975d25807927",
+        "extractor_protocol": {"name": extractor, "reference_accuracy": 0.987},
         "num_samples": num_samples,
         "sampler": {"name": "ddim", "eta": 0.0, "steps": steps, "spacing": "leading"},
         "fid_floor": 0.2,

@@ -96,8 +96,8 @@ def test_accuracy_on_the_test_split_is_that_of_a_two_conv_cnn(extractor):
 def test_a_fashion_mnist_run_is_scored_by_fashion_net_against_the_test_split(tiny_config):
     from diffprune_bench import harness
 
-    (record,) = harness.run(tiny_config(dataset="fashion-mnist", method="dense", base_steps=10, num_samples=32,
-                                        sample_steps=2))
+    (record,) = harness.run(tiny_config(dataset="fashion-mnist", method="dense", base="train", base_steps=10,
+                                        num_samples=32, sample_steps=2))
     protocol = record["protocol"]
     assert record["status"] == "ok" and record["preset"] == "fashion"
     assert protocol["extractor"] == "fashion-net" and protocol["extractor_fingerprint"] == FASHION_NET_FINGERPRINT

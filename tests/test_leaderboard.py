@@ -367,3 +367,13 @@ def test_rows_with_one_seed_are_said_to_be_provisional(records_dir, tmp_path):
             save(two_seeds, make_record(method, sparsity, seed, fid))
     (group,) = lb.build(load_records(two_seeds)).groups
     assert not [n for n in lb.group_notes(group) if "one seed" in n]
+
+
+def test_each_table_says_its_floor_and_its_extractors_accuracy(records_dir, tmp_path):
+    out = tmp_path / "out"
+    lb.write_leaderboard(records_dir, out)
+    markdown = (out / "leaderboard.md").read_text()
+    assert ("data-vs-data FID floor at this N: 0.200; digits-net classifies the reference images with 98.7 % "
+            "accuracy.") in markdown
+    board = lb.build(load_records(records_dir))
+    assert lb.protocol_note(board.groups[0]) in markdown

@@ -10,6 +10,7 @@ their hash is recorded in every record: a retrain on another CPU differs in its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
+from diffprune_bench.filemodes import honour_umask
 from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, load_shipped, quantize_uint8
 from diffprune_bench.models import weights_hash
 
@@ -69,7 +71,7 @@ def train_fashion_net(
 
 
 @torch.no_grad()
-def accuracy(net: FashionNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     correct = sum(int((net(as_input(images[i : i + batch_size])).argmax(1) == labels[i : i + batch_size]).sum())
                   for i in range(0, len(images), batch_size))
     return correct / len(images)
@@ -85,7 +87,7 @@ def load_fashion_net(path: Path = FASHION_NET_WEIGHTS) -> FashionNet:
     return load_shipped(FashionNet(), path)
 
 
-def test_split_accuracy(net: FashionNet) -> tuple[float | None, str]:
+def test_split_accuracy(net: nn.Module) -> tuple[float | None, str]:
     """Accuracy on the 10,000 test images (the FID reference), or (None, why) when the files are not found."""
     from diffprune_bench.data import load_dataset
 
@@ -96,25 +98,31 @@ def test_split_accuracy(net: FashionNet) -> tuple[float | None, str]:
     return accuracy(net, images, labels), ""
 
 
-class FashionNetExtractor(FeatureExtractor):
-    """Features of the shipped fashion-net; ``cache_dir`` is accepted for the common extractor signature."""
+class ShippedFashionExtractor(FeatureExtractor):
+    """Features of a Fashion-MNIST classifier shipped with the package, refused unless its weights carry the
+    protocol's fingerprint; ``cache_dir`` is accepted for the common extractor signature."""
 
-    name = "fashion-net"
+    weights: Path
+    protocol_fingerprint: str
+    features_doc: str
 
     def __init__(self, cache_dir: str | Path | None = None) -> None:
-        self.net = load_fashion_net()
+        self.net = self.load()
         self._fingerprint = weights_hash(self.net)
-        if self._fingerprint != FASHION_NET_FINGERPRINT:
-            raise BenchError(f"{FASHION_NET_WEIGHTS} has fingerprint {self._fingerprint}, "
-                             f"not the protocol's {FASHION_NET_FINGERPRINT}: reinstall the package")
+        if self._fingerprint != self.protocol_fingerprint:
+            raise BenchError(f"{self.weights} has fingerprint {self._fingerprint}, "
+                             f"not the protocol's {self.protocol_fingerprint}: reinstall the package")
         self.test_accuracy, self.accuracy_unavailable = test_split_accuracy(self.net)
+
+    def load(self) -> nn.Module:
+        raise NotImplementedError
 
     def fingerprint(self) -> str:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
         info = {**super().describe(), "input": "28x28 uint8-quantised, no resize",
-                "features": f"penultimate ({FEATURES}, tanh)", "reference_accuracy": self.test_accuracy}
+                "features": self.features_doc, "reference_accuracy": self.test_accuracy}
         if self.accuracy_unavailable:
             info["reference_accuracy_unavailable"] = self.accuracy_unavailable
         return info
@@ -126,18 +134,36 @@ class FashionNetExtractor(FeatureExtractor):
         return np.concatenate(chunks).astype(np.float64)
 
 
-def main() -> None:
-    """Retrain the shipped weights on the training split and print the test accuracy and fingerprint."""
+class FashionNetExtractor(ShippedFashionExtractor):
+    """The fashion-mnist FID protocol's primary space: the shipped two-conv fashion-net."""
+
+    name = "fashion-net"
+    weights = FASHION_NET_WEIGHTS
+    protocol_fingerprint = FASHION_NET_FINGERPRINT
+    features_doc = f"penultimate ({FEATURES}, tanh)"
+
+    def load(self) -> nn.Module:
+        return load_fashion_net()
+
+
+def retrain_and_ship(train: Callable[..., nn.Module], weights: Path, load: Callable[[], nn.Module]) -> None:
+    """Retrain a shipped Fashion-MNIST extractor on the training split, write its weights file, and print its
+    test accuracy and fingerprint (each extractor module's ``python -m`` entry point)."""
     from safetensors.torch import save_file
 
     from diffprune_bench.data import load_dataset
 
     data = load_dataset("fashion-mnist")
-    net = train_fashion_net(*data.train.tensors, log=True)
-    FASHION_NET_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(FASHION_NET_WEIGHTS))
+    net = train(*data.train.tensors, log=True)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    honour_umask(weights)  # safetensors writes its files 0600
     print(f"test accuracy {accuracy(net, *data.reference.tensors):.4f}; "
-          f"fingerprint {weights_hash(load_fashion_net())}; wrote {FASHION_NET_WEIGHTS}")
+          f"fingerprint {weights_hash(load())}; wrote {weights}")
+
+
+def main() -> None:
+    retrain_and_ship(train_fashion_net, FASHION_NET_WEIGHTS, load_fashion_net)
 
 
 if __name__ == "__main__":

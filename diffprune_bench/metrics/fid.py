@@ -306,7 +306,15 @@ def _fashion_net(cache_dir: str | Path, **_: Any) -> FeatureExtractor:
     return FashionNetExtractor(cache_dir)
 
 
+def _fashion_mlp(cache_dir: str | Path, **_: Any) -> FeatureExtractor:
+    """fashion-mlp, the second Fashion-MNIST space, lives in its own module too."""
+    from diffprune_bench.metrics.fashion_mlp import FashionMLPExtractor
+
+    return FashionMLPExtractor(cache_dir)
+
+
 EXTRACTORS["fashion-net"] = _fashion_net
+EXTRACTORS["fashion-mlp"] = _fashion_mlp
 
 
 def extractor_names() -> list[str]:

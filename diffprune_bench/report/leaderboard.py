@@ -33,6 +33,7 @@ from diffprune_bench.report.compare import (
 from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.report.training_compute import training_macs
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
+from diffprune_bench.shipped_bases import TRAIN_KEYWORD
 
 #: what a reader may expect when re-running a cell (measured: see the README's "Reproducibility")
 REPRODUCIBILITY_NOTE = (
@@ -105,7 +106,8 @@ def method_traits(record: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _budget(config: dict[str, Any]) -> str:
-    base = config.get("base") or f"base {config.get('base_steps')} steps"
+    named = config.get("base") not in (None, "", TRAIN_KEYWORD)  # a pretrained or shipped base, by its name
+    base = f"base {config['base']}" if named else f"base {config.get('base_steps')} steps"
     scratch = config.get("scratch_steps")
     scratch_text = f"; scratch {scratch} steps" if scratch is not None and scratch != config.get("base_steps") else ""
     return f"{base}; fine-tune {config.get('finetune_steps')} steps{scratch_text}; batch {config.get('batch_size')}"
@@ -210,6 +212,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "speedup_low": (metrics.get("speedup_ci") or [None, None])[0],
         "speedup_high": (metrics.get("speedup_ci") or [None, None])[1],
         "reference_images": ((protocol.get("reference") or {}).get("images")),
+        "extractor_accuracy": (protocol.get("extractor_protocol") or {}).get("reference_accuracy"),
         **_spaces(record),
     }
 
@@ -239,6 +242,23 @@ def _samples_path(record: dict[str, Any]) -> str:
     return str(paths.get("samples") or "")
 
 
+def protocol_note(group: Group) -> str:
+    """The line under a table's title: its suites, N, reference size, the FID floor at that N and how well
+    the extractor classifies the reference images (a weak extractor makes every FID in the table weak)."""
+    table = group.table
+    suites = sorted({s for v in table.get("suites", []) for s in str(v).split(",") if s})
+    reference_images = table["reference_images"].max() if "reference_images" in table else None
+    floor = table["fid_floor"].mean() if "fid_floor" in table else float("nan")
+    accuracy = table["extractor_accuracy"].max() if "extractor_accuracy" in table else float("nan")
+    parts = [f"Suites: {', '.join(suites) or '(single runs)'}",
+             f"N = {group.key['num_samples']} samples against {_num(reference_images, ',.0f')} reference images"]
+    if pd.notna(floor):
+        parts.append(f"data-vs-data FID floor at this N: {floor:.3f}")
+    if pd.notna(accuracy):
+        parts.append(f"{group.key['extractor']} classifies the reference images with {100 * accuracy:.1f} % accuracy")
+    return "; ".join(parts) + "."
+
+
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per ok record; a cell measured twice (a re-run) keeps its latest record."""
     rows = [_row(r) for r in records if r.get("status") == "ok"]
@@ -264,6 +284,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "samples_uint8",
         "reference_features",
         "reference_images",
+        "extractor_accuracy",
         *METRIC_COLUMNS,
     ]
     spaces = sorted({key for row in rows for key in row if key.startswith((SPACE_FID, SPACE_FEATURES, SPACE_FINGERPRINT,
@@ -271,7 +292,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns + spaces)
     if frame.empty:
         return frame
-    for name in [*METRIC_COLUMNS, "fid_floor", "train_steps", "reference_images",
+    for name in [*METRIC_COLUMNS, "fid_floor", "train_steps", "reference_images", "extractor_accuracy",
                  *(c for c in spaces if c.startswith(SPACE_FID))]:
         frame[name] = pd.to_numeric(frame[name], errors="coerce")
     frame["group"] = frame[GROUP_COLUMNS].astype(str).agg(" | ".join, axis=1)
@@ -335,6 +356,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     table["suites"] = grouped["suite"].apply(lambda s: ",".join(sorted({v for v in s if v}))).to_numpy()
     table["fid_floor"] = grouped["fid_floor"].mean().to_numpy()
     table["reference_images"] = grouped["reference_images"].max().to_numpy()
+    table["extractor_accuracy"] = grouped["extractor_accuracy"].max().to_numpy()
     for name in ("init", "label"):
         table[name] = grouped[name].first().to_numpy()
     table["train_steps"] = grouped["train_steps"].max().to_numpy()
@@ -586,16 +608,7 @@ def render_markdown(board: Leaderboard, plots: dict[str, list[str]] | None = Non
     if not board.groups:
         lines += ["No successful records yet.", ""]
     for group in board.groups:
-        floor = group.table["fid_floor"].mean()
-        suites = sorted({s for v in group.table["suites"] for s in str(v).split(",") if s})
-        lines += [f"## {group.title()}", ""]
-        reference_images = group.table["reference_images"].max() if "reference_images" in group.table else None
-        lines += [
-            f"Suites: {', '.join(suites) or '(single runs)'}; N = {group.key['num_samples']} samples against "
-            f"{_num(reference_images, ',.0f')} reference images; data-vs-data FID floor at this N: "
-            f"{_num(floor, '.3f')}.",
-            "",
-        ]
+        lines += [f"## {group.title()}", "", protocol_note(group), ""]
         lines += [f"- {note}" for note in group_notes(group)] + [""]
         lines += [display_table(group).to_markdown(index=False, disable_numparse=True), ""]
         for path in (plots or {}).get(group.slug, []):

@@ -29,7 +29,7 @@ from plotly.offline import get_plotlyjs
 
 from diffprune_bench.report import budgets, fid_axis, training_compute
 from diffprune_bench.report.board import Group, Leaderboard, pairwise_of, row_label
-from diffprune_bench.report.leaderboard import display_table, group_notes
+from diffprune_bench.report.leaderboard import display_table, group_notes, protocol_note
 from diffprune_bench.report.pairwise import ALPHA
 from diffprune_bench.report.pareto import front_mask
 from diffprune_bench.report.plots import pairwise_matrix
@@ -287,12 +287,8 @@ def site_table(group: Group, records: dict[str, dict[str, Any]], site: Path,
         runs = group.runs[_row_mask(group.runs, table_row)]
         rows.append(Row(cells=[_cell(v) for v in display_row.tolist()], family=str(table_row["family"]),
                         runs=_copy_run_files(runs, records, site)))
-    suites = sorted({s for v in group.table.get("suites", []) for s in str(v).split(",") if s})
-    floor = group.table["fid_floor"].mean() if "fid_floor" in group.table else float("nan")
-    note = (f"Suites: {', '.join(suites) or '(single runs)'}; N = {group.key['num_samples']} samples; "
-            f"data-vs-data FID floor at this N: {floor:.3f}." if _finite(floor) else
-            f"Suites: {', '.join(suites) or '(single runs)'}; N = {group.key['num_samples']} samples.")
-    table = Table(slug=group.slug, title=group.title(), note=note, columns=[str(c) for c in shown.columns],
+    table = Table(slug=group.slug, title=group.title(), note=protocol_note(group),
+                  columns=[str(c) for c in shown.columns],
                   rows=rows, families=sorted({r.family for r in rows}), charts=_charts(group, training),
                   notes=group_notes(group), heatmaps=_heatmaps(group))
     table.comparison = comparison(group, rows)

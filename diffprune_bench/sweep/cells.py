@@ -184,9 +184,24 @@ def read_jobs(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def baseline_first(work: Work) -> tuple[Work, Work]:
-    """``work`` split into the baseline cells and the rest: a baseline cell trains the cached base the
-    other cells of its dataset and seed start from, so every executor runs that phase first."""
+    """``work`` split into a first phase and the rest. A baseline cell trains the cached base the other cells
+    of its dataset and seed start from, so every executor runs that phase first; where a seed's baseline
+    cell is already done (an earlier slice) but its base is not cached here, the seed's first cell takes
+    that role. So the bases of all seeds train side by side in the first phase, not inside whichever cells
+    start first (two of which once trained the same base at the same time)."""
     from diffprune_bench.registry import get_method_class
 
-    baseline = [item for item in work if get_method_class(item[0].method).is_baseline]
-    return baseline, [item for item in work if item not in baseline]
+    first = [item for item in work if get_method_class(item[0].method).is_baseline]
+    covered = {base_identity(cfg) for _, cfg in first}
+    # the stand-in should be a short cell (a whole phase waits for its slowest): training-free ones first
+    for item in sorted(work, key=lambda item: not get_method_class(item[0].method).sampler_level):
+        if base_identity(item[1]) not in covered and not item[1].share_training and item[1].then is None:
+            first.append(item)
+            covered.add(base_identity(item[1]))
+    return first, [item for item in work if item not in first]
+
+
+def base_identity(cfg: RunConfig) -> tuple:
+    """What decides which dense base a cell starts from (as ``base_model.base_cache_key``, without the data)."""
+    return (cfg.dataset, cfg.data_root, cfg.resolution, cfg.base, cfg.preset, cfg.base_steps, cfg.batch_size,
+            cfg.lr, cfg.ema_decay, cfg.grad_clip, cfg.precision, cfg.threads, cfg.seed, cfg.cache_dir)
