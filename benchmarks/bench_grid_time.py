@@ -30,8 +30,8 @@ def cell_frame(records: list[dict]) -> pd.DataFrame:
         base = r.get("base") or {}
         base_s = float((base.get("train") or {}).get("wall_s") or 0.0) if base.get("cached") is False else 0.0
         train_s = float((r.get("training") or {}).get("wall_s") or 0.0)
-        if (r.get("training") or {}).get("reused_from"):
-            train_s = 0.0
+        if (r.get("training") or {}).get("reused_from") or r.get("is_baseline"):
+            train_s = 0.0  # a reused training, or the baseline's (its training is the base's: base_s)
         eval_s = float(r.get("eval_wall_s") or 0.0)
         wall = (end - start).total_seconds()
         label = r.get("method") + (f"+{r['config'].get('then')}" if (r.get("config") or {}).get("then") else "")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fashion_files import needs_package
 from thread_counts import at_two_thread_counts
 
-from diffprune_bench import fashion_mnist
 from diffprune_bench.data import get_dataset_spec, load_dataset
 from diffprune_bench.errors import BenchError
 from diffprune_bench.metrics import fashion_mlp
@@ -24,12 +24,6 @@ from diffprune_bench.metrics.fashion_net import FASHION_NET_FINGERPRINT, accurac
 from diffprune_bench.metrics.fid import build_extractor, extractor_names
 from diffprune_bench.metrics.spaces import space_names
 from diffprune_bench.models import weights_hash
-
-INSTALLED, NOT_INSTALLED_WHY = fashion_mnist.package_files()
-needs_package = pytest.mark.skipif(
-    not INSTALLED,
-    reason=f"Fashion-MNIST files unavailable ({NOT_INSTALLED_WHY}): apt-get install dataset-fashion-mnist",
-)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fashion_files import INSTALLED, needs_package
 from typer.testing import CliRunner
 
 from diffprune_bench import fashion_mnist
@@ -202,11 +203,6 @@ def test_missing_files_under_data_root_exit_2_with_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- the real files
-INSTALLED, NOT_INSTALLED_WHY = fashion_mnist.package_files()
-needs_package = pytest.mark.skipif(
-    not INSTALLED,
-    reason=f"Fashion-MNIST files unavailable ({NOT_INSTALLED_WHY}): apt-get install dataset-fashion-mnist",
-)
 
 
 @needs_package
