@@ -46,7 +46,6 @@ from diffprune_bench.results import (
     write_record,
 )
 from diffprune_bench.rundir import claim_run_dir
-from diffprune_bench.shipped_bases import TRAIN_KEYWORD, pretrained_base
 from diffprune_bench.targets import target_report
 from diffprune_bench.trained_cache import entry_path, load_trained, store_trained
 from diffprune_bench.trainer import Trainer
@@ -55,15 +54,12 @@ from diffprune_bench.trainer import Trainer
 def resolve_config(cfg: RunConfig) -> RunConfig:
     """Fill every unset option from the dataset's protocol defaults.
 
-    A dataset may default to a shipped base (fashion-mnist); ``--base train`` trains and caches one instead.
+    A dataset may default to a shipped base (fashion-mnist); ``--base train`` trains and caches one instead
+    (``base_steps`` then sizes it; beside a pretrained base it only names the base's budget in tables).
     """
     defaults = get_dataset_spec(cfg.dataset).defaults
     changes = {k: v for k, v in defaults.items() if hasattr(cfg, k) and getattr(cfg, k) is None}
-    resolved = cfg.replace(**changes)
-    if pretrained_base(resolved) and cfg.base_steps is not None:
-        warn(f"base-steps {cfg.base_steps} has no effect: the base is {resolved.base!r} (pretrained); "
-             f"--base {TRAIN_KEYWORD} trains one")
-    return resolved
+    return cfg.replace(**changes)
 
 
 def select_device(name: str) -> torch.device:

@@ -41,3 +41,15 @@ def tiny_config(tmp_path: Path, shared_cache: Path):
         return make_config(values)
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_restored():
+    """Every test leaves Ctrl-C's handler as it found it: the trainer installs its checkpointing handler
+    only over Python's default one, so a handler leaked by one test would silently disable it in the next."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)

@@ -170,7 +170,7 @@ def _corrupt_cached_base(root: Path) -> Callable[[], Any]:
 
 
 def _reloads_cached_base(root: Path) -> None:
-    (folder,) = (root / "cache" / "bases").iterdir()
+    (folder,) = (p for p in (root / "cache" / "bases").iterdir() if not p.name.startswith("."))  # .lock files
     from diffusers import UNet2DModel
 
     UNet2DModel.from_pretrained(folder / "model")  # the entry was replaced by a whole one

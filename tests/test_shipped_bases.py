@@ -84,11 +84,6 @@ def test_fashion_defaults_to_its_shipped_base_and_train_overrides_it():
     assert pretrained_base(digits) is None
 
 
-def test_base_steps_beside_a_pretrained_base_warn_that_they_do_nothing(capsys):
-    resolve_config(make_config({"dataset": "fashion-mnist", "base_steps": 100}))
-    assert "base-steps 100 has no effect" in capsys.readouterr().err
-
-
 def test_the_shipped_fashion_base_matches_its_recipe_and_preset():
     model, info = load_pretrained_with_info("fashion-mnist", "fashion")
     recipe = info["recipe"]
