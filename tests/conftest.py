@@ -45,8 +45,8 @@ def tiny_config(tmp_path: Path, shared_cache: Path):
 
 @pytest.fixture(autouse=True)
 def sigint_handler_restored():
-    """Every test leaves Ctrl-C's handler as it found it: the trainer installs its checkpointing handler
-    only over Python's default one, so a handler leaked by one test would silently disable it in the next."""
+    """Every test leaves Ctrl-C's handler as it found it (the trainer installs its checkpointing handler
+    only over Python's default one, so a handler left behind by one test would change the next)."""
     import signal
 
     before = signal.getsignal(signal.SIGINT)

@@ -211,6 +211,9 @@ def _trainer(tiny_config, tmp_path: Path, resume: bool = False) -> trainer.Train
 
 
 def test_ctrl_c_checkpoints_the_step_and_resume_counts_the_time_before(tiny_config, tmp_path, monkeypatch):
+    # a shell starts background jobs with SIGINT ignored, and the trainer rightly leaves an ignored Ctrl-C
+    # alone: give this test the handler an interactive run has (conftest restores the one it found)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     clock = FakeTime()
     monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=clock.perf_counter))
     first = _trainer(tiny_config, tmp_path)
