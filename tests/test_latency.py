@@ -35,7 +35,7 @@ def _other_run(folder: str, mode: str, hold_s: float, events: str) -> None:
         _event(events, "other-end")
 
 
-def _stepping_run(folder: str, stop: str, events: str, cap_s: float = 60.0) -> None:
+def _stepping_run(folder: str, stop: str, events: str, cap_s: float = 600.0) -> None:
     """Another run computing in short steps with a yield point each (as training and sampling do), until
     the file ``stop`` appears (at most ``cap_s``, a deadline); each step's begin and end go to ``events``."""
     lock = MachineLock(folder)
@@ -50,8 +50,9 @@ def _stepping_run(folder: str, stop: str, events: str, cap_s: float = 60.0) -> N
 
 
 def _wait_for(condition, what: str, process: multiprocessing.Process | None = None) -> None:
-    """Poll ``condition`` until it holds (a deadline, never a speed claim)."""
-    deadline = time.monotonic() + 60
+    """Poll ``condition`` until it holds (a deadline against a hang, never a speed claim: generous enough
+    for a spawned process to import torch on a loaded machine)."""
+    deadline = time.monotonic() + 600
     while not condition():
         assert time.monotonic() < deadline and (process is None or process.is_alive()), what
         time.sleep(0.02)

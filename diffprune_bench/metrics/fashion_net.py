@@ -10,6 +10,7 @@ their hash is recorded in every record: a retrain on another CPU differs in its 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,19 @@ def load_fashion_net(path: Path = FASHION_NET_WEIGHTS) -> FashionNet:
     return load_shipped(FashionNet(), path)
 
 
-def test_split_accuracy(net: nn.Module) -> tuple[float | None, str]:
-    """Accuracy on the 10,000 test images (the FID reference), or (None, why) when the files are not found."""
+@functools.lru_cache(maxsize=1)
+def _test_split() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 test images and labels, read and checksum-verified once per process (both shipped
+    extractors of a run report their accuracy on them)."""
     from diffprune_bench.data import load_dataset
 
+    return load_dataset("fashion-mnist").reference.tensors
+
+
+def test_split_accuracy(net: nn.Module) -> tuple[float | None, str]:
+    """Accuracy on the 10,000 test images (the FID reference), or (None, why) when the files are not found."""
     try:
-        images, labels = load_dataset("fashion-mnist").reference.tensors
+        images, labels = _test_split()
     except BenchError as error:
         return None, str(error)
     return accuracy(net, images, labels), ""

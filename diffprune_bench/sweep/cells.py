@@ -202,6 +202,8 @@ def baseline_first(work: Work) -> tuple[Work, Work]:
 
 
 def base_identity(cfg: RunConfig) -> tuple:
-    """What decides which dense base a cell starts from (as ``base_model.base_cache_key``, without the data)."""
-    return (cfg.dataset, cfg.data_root, cfg.resolution, cfg.base, cfg.preset, cfg.base_steps, cfg.batch_size,
-            cfg.lr, cfg.ema_decay, cfg.grad_clip, cfg.precision, cfg.threads, cfg.seed, cfg.cache_dir)
+    """What decides which dense base a cell starts from: the base cache key (without the data's fingerprint,
+    which the data folder and resolution stand for), the pretrained base if any, and the cache it lives in."""
+    from diffprune_bench.base_model import base_cache_key
+
+    return base_cache_key(cfg), cfg.base, cfg.cache_dir, cfg.data_root, cfg.resolution
