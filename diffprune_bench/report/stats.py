@@ -109,7 +109,8 @@ class KidTerms:
             within = (self.within.sum() - np.trace(self.within)) / (n * (n - 1))
             return float(within + self.reference_within - 2 * self.cross.mean())
         n = counts.sum(1)
-        pairs = np.einsum("bi,ij,bj->b", counts, self.within, counts) - counts @ np.diag(self.within)
+        # c^T K c per draw as one GEMM: a three-operand einsum runs without BLAS, ~30x slower here
+        pairs = ((counts @ self.within) * counts).sum(1) - counts @ np.diag(self.within)
         return pairs / (n * (n - 1)) + self.reference_within - 2 * (counts @ self.cross) / n
 
 
