@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
+# One worker per core, for sweeps (a digits cell pins one thread, so a grid's wall time is its cell time /
+# cores) and for tests (pytest-xdist; most tests wait on small models and subprocesses).
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test test-slow test-all lint smoke leaderboard rerender site-screenshot regress bench
 
@@ -17,13 +20,13 @@ demo: $(STAMP)
 	$(BIN)/diffbench run --method dense --dataset digits
 
 test: $(STAMP)
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q -n $(JOBS) --durations=10
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow --durations=10
+	$(BIN)/pytest -q -n $(JOBS) -m slow --durations=10
 
 test-all: $(STAMP)
-	$(BIN)/pytest -q -m "" --durations=10
+	$(BIN)/pytest -q -n $(JOBS) -m "" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffprune_bench tests benchmarks
@@ -42,7 +45,7 @@ bench: $(STAMP)
 COMMITTED_SUITES := $(sort digits $(notdir $(patsubst %/manifest.json,%,$(wildcard results/data/*/manifest.json))))
 
 leaderboard: $(STAMP)
-	$(BIN)/diffbench sweep benchmarks/digits.yaml --jobs 2; status=$$?; \
+	$(BIN)/diffbench sweep benchmarks/digits.yaml --jobs $(JOBS); status=$$?; \
 	$(BIN)/diffbench leaderboard $(foreach suite,$(COMMITTED_SUITES),--suite $(suite)) && exit $$status
 
 rerender: $(STAMP)
