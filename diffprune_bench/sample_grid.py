@@ -31,8 +31,13 @@ def sample_caption(method: str, sparsity: float, seed: int, fid: float | None, t
 
 
 def grid_image(samples: torch.Tensor, nrow: int = 8, min_width: int = MIN_WIDTH) -> Image.Image:
-    """Samples in [-1, 1] (NCHW) as an RGB grid, upscaled by the smallest whole factor reaching ``min_width``."""
-    images = ((samples.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    """Samples in [-1, 1] (NCHW) as an RGB grid, upscaled by the smallest whole factor reaching ``min_width``.
+
+    Pixels are the uint8 values the extractors see (clean-fid's quantisation), so a grid redrawn from the
+    stored uint8 samples is the very same picture."""
+    from diffprune_bench.metrics.extractor import quantize_uint8
+
+    images = quantize_uint8(samples.detach().float().cpu()) / 255
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)  # white gaps between samples
     pixels = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels).convert("RGB")
@@ -57,7 +62,11 @@ def with_caption(image: Image.Image, caption: str) -> Image.Image:
 
 def write_sample_grid(samples: torch.Tensor, path: str | Path, caption: str, nrow: int = 8,
                       min_width: int = MIN_WIDTH) -> Path:
-    """Write the first ``nrow``² samples as a captioned, upscaled PNG grid; returns the path."""
+    """Write the first ``nrow``² samples as a captioned, upscaled PNG grid; returns the path.
+
+    Grayscale samples give a grayscale PNG (black caption on white stays exact): a third of RGB's bytes,
+    which matters for a committed web page that shows a grid per run."""
     path = Path(path)
-    with_caption(grid_image(samples[: nrow * nrow], nrow, min_width), caption).save(path)
+    image = with_caption(grid_image(samples[: nrow * nrow], nrow, min_width), caption)
+    (image.convert("L") if samples.shape[1] == 1 else image).save(path)
     return path

@@ -181,6 +181,7 @@ def save_with_samples(records_dir: Path, record: dict[str, Any], shift: float, e
 
     from diffprune_bench.evaluator import FEATURES_NAME, SAMPLES_NAME, save_samples_uint8
     from diffprune_bench.results import write_record
+    from diffprune_bench.sample_grid import sample_caption, write_sample_grid
 
     count = int(record["protocol"]["num_samples"])
     digits = torch.from_numpy(_digit_images()).float().unsqueeze(1) / 8 - 1  # 0..16 -> [-1, 1]
@@ -191,6 +192,8 @@ def save_with_samples(records_dir: Path, record: dict[str, Any], shift: float, e
     run_dir = save(records_dir, record).parent
     np.save(run_dir / FEATURES_NAME, np.asarray(extractor.features(samples), dtype=np.float32))
     save_samples_uint8(run_dir / SAMPLES_NAME, samples)
+    write_sample_grid(samples, run_dir / "samples.png", sample_caption(  # the harness's grid and caption
+        record["method"], record["sparsity"], record["seed"], record["metrics"].get("fid"), record.get("then")))
     reference = Path(records_dir) / "reference" / "digits-reference.npz"
     if not reference.is_file():
         reference.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,7 @@ def test_data_records_are_portable_and_rewriting_them_changes_no_byte(runs, tmp_
     first = _files(data / "demo")
     assert len([name for name in first if name.endswith("record.json")]) == 4 * len(SEEDS) + 1
     assert len([name for name in first if name.endswith("samples.npz")]) == 4 * len(SEEDS)
+    assert not [name for name in first if name.endswith(".png")]  # grids are redrawn from samples.npz
     assert [name for name in first if name.startswith("reference/")] == ["reference/digits-reference.npz"]
     for name, content in first.items():
         if name.endswith(".json"):
@@ -117,11 +118,11 @@ def test_data_records_are_portable_and_rewriting_them_changes_no_byte(runs, tmp_
             assert "pytest-of" not in text and "/machine/only" not in text, name
     record = json.loads(first["demo-magnitude-s0.5-seed1/record.json"])
     assert record["paths"] == {"run_dir": "demo-magnitude-s0.5-seed1",
-                               "samples": "demo-magnitude-s0.5-seed1/samples.png",
                                "samples_uint8": "demo-magnitude-s0.5-seed1/samples.npz",
                                "reference_features": "reference/digits-reference.npz"}
     assert record["config"]["cache_dir"] == "cache"
     manifest = json.loads(first["manifest.json"])
+    assert manifest["form"] == "samples"
     assert manifest["total_bytes"] == sum(len(c) for n, c in first.items() if n != "manifest.json")
     samples = "demo-dense-s0-seed0/samples.npz"
     assert manifest["files"][samples]["bytes"] == len(first[samples])
@@ -192,6 +193,37 @@ def test_bad_data_folders_and_empty_suites_are_one_line_errors_that_keep_the_dat
     assert result.exit_code == 2 and "no records of suite 'nosuch'" in result.stderr
     assert _files(data) == before
 
+
+
+def test_the_draws_form_re_renders_the_same_tables_and_grids_as_the_samples_form(runs, tmp_path, monkeypatch):
+    """Large images commit each run's FID/KID bootstrap draws instead of its samples: the tables rendered from
+    them equal those rendered from the samples byte for byte, and so do the redrawn sample grids."""
+    records = lb.load_records(runs)
+    raw_data.write_suite(records, tmp_path / "samples", "demo")
+    monkeypatch.setattr(raw_data, "SAMPLES_MAX_BYTES", 1)  # every run's samples count as too large
+    raw_data.write_suite(records, tmp_path / "draws", "demo")
+    files = _files(tmp_path / "draws" / "demo")
+    assert json.loads(files["manifest.json"])["form"] == "draws"
+    assert not [name for name in files if name.endswith(("samples.npz", ".png"))]
+    assert len([name for name in files if name.endswith("draws.npz")]) == 4 * len(SEEDS)
+    with np.load(tmp_path / "draws" / "demo" / "reference" / "digits-reference.npz") as reference:
+        assert sorted(reference.files) == ["mu", "sigma"]  # no per-image features
+    rendered = {}
+    for form in ("samples", "draws"):
+        out = tmp_path / f"out-{form}"
+        _render(["--from-data", str(tmp_path / form / "demo"), "--out", str(out)])
+        rendered[form] = {name: (out / name).read_bytes() for name in ("leaderboard.md", "leaderboard.csv")}
+        runs_ = lb.runs_frame(raw_data.load_data([tmp_path / form / "demo"]))
+        rendered[form]["grids"] = sorted(Path(p).read_bytes() for p in runs_["samples"])
+    assert rendered["draws"] == rendered["samples"]
+    table = pd.read_csv(tmp_path / "out-draws" / "leaderboard.csv")
+    assert table.loc[table["method"].isin(["magnitude", "taylor"]), ["dfid_low", "dkid_low"]].notna().all().all()
+    originals = sorted((p / "samples.png").read_bytes() for p in runs.iterdir() if (p / "samples.npz").is_file())
+    assert rendered["draws"]["grids"] == originals  # the harness's own grids, redrawn from uint8 samples
+
+    monkeypatch.undo()  # the committed draws decide the form now, not the size limit
+    raw_data.write_suite(raw_data.load_data([tmp_path / "draws" / "demo"]), tmp_path / "again", "demo")
+    assert _files(tmp_path / "again" / "demo") == files  # a later slice rewrites committed draws unchanged
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ from diffprune_bench.report.stats import (
     POOL_TEST_ALPHA,
     KidTerms,
     Reference,
+    RunDraws,
     bootstrap_counts,
     combine,
     homogeneity,
@@ -150,3 +151,34 @@ def test_mean_interval_is_a_t_interval():
     mean, low, high = mean_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
     assert math.isnan(mean_interval([1.0])[1])
+
+
+def test_precomputed_run_draws_give_the_same_paired_deltas_as_the_features(data):
+    """Committed data of large images keep each run's draws instead of its features: every paired FID and KID
+    statistic computed from them equals the one from the features, value for value."""
+    ref, rows, controls = data
+    as_draws = [{s: RunDraws.compute(f[s], ref, s, len(f[s])) for s in f} for f in (rows, controls)]
+    statistics_only = Reference(ref.mu, ref.sigma)  # what the draws form commits of the reference
+    assert statistics_only.features is None and statistics_only.digest == ref.digest
+    for paired in (paired_fid_delta, paired_kid_delta):
+        from_features = paired(rows, controls, ref)
+        from_draws = paired(*as_draws, statistics_only)
+        assert from_draws.per_seed == from_features.per_seed
+        assert (from_draws.mean, from_draws.low, from_draws.high, from_draws.bootstrap_var) == (
+            from_features.mean, from_features.low, from_features.high, from_features.bootstrap_var)
+    mixed = paired_fid_delta(rows, as_draws[1], ref)  # a row with features against a control with draws
+    assert mixed.per_seed == paired_fid_delta(rows, controls, ref).per_seed
+
+
+def test_run_draws_refuse_another_reference_seed_or_sample_count(data):
+    from diffprune_bench.errors import BenchError
+
+    ref, rows, controls = data
+    draws = RunDraws.compute(rows[0], ref, 0, 120)
+    other = Reference(ref.mu + 1, ref.sigma)
+    with pytest.raises(BenchError, match="cannot serve"):
+        paired_fid_delta({0: draws}, {0: controls[0]}, other)
+    with pytest.raises(BenchError, match="cannot serve"):
+        paired_fid_delta({1: draws}, {1: controls[1]}, ref)  # computed on seed 0's index sets
+    with pytest.raises(BenchError, match="cannot serve"):
+        paired_kid_delta({0: draws}, {0: controls[0][:100]}, ref)  # the pair shares only 100 samples

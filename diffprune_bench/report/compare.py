@@ -34,12 +34,14 @@ import pandas as pd
 from diffprune_bench.errors import first_line
 from diffprune_bench.report.agreement import SpaceAgreement, agreement
 from diffprune_bench.report.pairwise import TargetComparison, compare_rows
+from diffprune_bench.report.raw_draws import PRIMARY, read_draws
 from diffprune_bench.report.raw_features import SampleFeatures
 from diffprune_bench.report.stats import (
     DrawCache,
     Homogeneity,
     PairedDelta,
     Reference,
+    RunDraws,
     homogeneity,
     paired_fid_delta,
     paired_kid_delta,
@@ -107,21 +109,24 @@ class FeatureStore:
     def __init__(self) -> None:
         self._features: dict[str, np.ndarray | None] = {}
         self._references: dict[str, Reference | None] = {}
+        self._draws: dict[str, dict[str, RunDraws]] = {}
         self.draws = DrawCache()  # each row's bootstrap FIDs, shared by every comparison it is in
         self._from_samples: SampleFeatures | None = None
 
-    def for_run(self, run: pd.Series, space: str | None = None) -> np.ndarray | None:
+    def for_run(self, run: pd.Series, space: str | None = None) -> np.ndarray | RunDraws | None:
         """The run's features in its primary space (``space`` None) or in the further space ``space``: the
         features file beside its record when present, else recomputed from its samples.npz through that
-        space's extractor (checked against the fingerprint the record was scored with)."""
+        space's extractor (checked against the fingerprint the record was scored with), else the draws that
+        committed data keep in their place (:mod:`diffprune_bench.report.raw_draws`)."""
         if space is None:
             path, extractor, fingerprint = run.get("features"), run.get("extractor"), run.get("extractor_fingerprint")
         else:
             path, extractor, fingerprint = run.get(SPACE_FEATURES + space), space, run.get(SPACE_FINGERPRINT + space)
         path = path if isinstance(path, str) else None
-        samples = run.get("samples_uint8")
-        samples = samples if isinstance(samples, str) else None
-        if (path and Path(path).is_file()) or not samples or not Path(samples).is_file():
+        samples = _existing(run.get("samples_uint8"))
+        if not (path and Path(path).is_file()) and not samples and (draws := _existing(run.get("draws"))):
+            return self.draws_of(draws).get(space or PRIMARY)
+        if (path and Path(path).is_file()) or not samples:
             return self.features(path)
         key = f"samples:{samples}:{extractor}"
         if key not in self._features:
@@ -129,6 +134,13 @@ class FeatureStore:
             self._features[key] = self._from_samples.features(samples, str(extractor), fingerprint,
                                                               run.get("num_samples"))
         return self._features[key]
+
+    def draws_of(self, path: str) -> dict[str, RunDraws]:
+        """The draws per space in a run's ``draws.npz`` (none from a damaged file: one warning line)."""
+        key = f"draws:{path}"
+        if key not in self._draws:
+            self._draws[key] = _readable(path, "draws", lambda: read_draws(path)) or {}
+        return self._draws[key]
 
     def features(self, path: Any) -> np.ndarray | None:
         key = str(path or "")
@@ -152,6 +164,11 @@ SPACE_FINGERPRINT = "fingerprint@"
 def secondary_spaces(frame: pd.DataFrame) -> list[str]:
     """Names of the further feature spaces whose per-sample features some run of ``frame`` carries."""
     return sorted(c[len(SPACE_FEATURES):] for c in frame.columns if c.startswith(SPACE_FEATURES))
+
+
+def _existing(value: Any) -> str | None:
+    """``value`` when it names an existing file (a table cell may be NaN or an empty string)."""
+    return value if isinstance(value, str) and value and Path(value).is_file() else None
 
 
 def _readable(path: str, what: str, load: Callable[[], Any]) -> Any:

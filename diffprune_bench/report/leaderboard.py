@@ -30,6 +30,8 @@ from diffprune_bench.report.compare import (
     FeatureStore,
     add_comparisons,
 )
+from diffprune_bench.report.raw_draws import DRAWS_NPZ
+from diffprune_bench.report.raw_grids import redrawn_grid
 from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.report.training_compute import training_macs
 from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
@@ -202,6 +204,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "train_steps": training.get("optimizer_steps"),
         "features": _near_record(record, "features", FEATURES_FILE),
         "samples_uint8": _near_record(record, "samples_uint8", "samples.npz"),
+        "draws": _near_record(record, "draws", DRAWS_NPZ),
         "reference_features": _reference_path(record),
         **{name: metrics.get(name) for name in METRIC_COLUMNS if name in metrics},
         "images_seen": training.get("images_seen"),
@@ -233,13 +236,15 @@ def _moved_reference(recorded: str, record_file: str | None) -> str:
 
 
 def _samples_path(record: dict[str, Any]) -> str:
-    """Next to the record file wherever the results folder now lives; the recorded path otherwise."""
+    """Next to the record file wherever the results folder now lives; the recorded path otherwise; else
+    redrawn from the uint8 samples committed data keep beside the record."""
     paths = record.get("paths") or {}
     if paths.get("record"):
         candidate = Path(paths["record"]).parent / "samples.png"
         if candidate.is_file():
             return str(candidate)
-    return str(paths.get("samples") or "")
+    recorded = str(paths.get("samples") or "")
+    return recorded if recorded and Path(recorded).is_file() else redrawn_grid(record) or recorded
 
 
 def protocol_note(group: Group) -> str:
@@ -282,6 +287,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "train_steps",
         "features",
         "samples_uint8",
+        "draws",
         "reference_features",
         "reference_images",
         "extractor_accuracy",

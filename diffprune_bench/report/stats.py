@@ -28,7 +28,9 @@ records stay clean-fid's).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,22 +56,26 @@ PAIRWISE_NOTE = (
 class Reference:
     """Reference statistics for repeated FID/KID of feature subsets (square root and kernel terms cached)."""
 
-    def __init__(self, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray) -> None:
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None = None) -> None:
         self.mu = np.asarray(mu, dtype=np.float64)
         self.sigma = np.asarray(sigma, dtype=np.float64)
-        self.features = np.asarray(features, dtype=np.float64)
         values, vectors = np.linalg.eigh(self.sigma)
         self.root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
         self.trace = float(np.trace(self.sigma))
-        d = self.features.shape[1]
-        kernel = (self.features @ self.features.T / d + 1) ** 3
-        m = len(self.features)
-        self.kernel_within = float((kernel.sum() - np.trace(kernel)) / (m * (m - 1)))
+        # without per-image features (statistics only, as committed beside precomputed draws) KID has no terms
+        self.features = None if features is None else np.asarray(features, dtype=np.float64)
+        self.kernel_within = float("nan")
+        if self.features is not None:
+            d = self.features.shape[1]
+            kernel = (self.features @ self.features.T / d + 1) ** 3
+            m = len(self.features)
+            self.kernel_within = float((kernel.sum() - np.trace(kernel)) / (m * (m - 1)))
+        self.digest = hashlib.sha256(self.mu.tobytes() + self.sigma.tobytes()).hexdigest()[:16]
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
         data = np.load(path)
-        return cls(data["mu"], data["sigma"], data["features"])
+        return cls(data["mu"], data["sigma"], data["features"] if "features" in data.files else None)
 
     def fid(self, features: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray | float:
         """FID of ``features``, or of bootstrap samples given as a (draws, n) matrix of multiplicities
@@ -112,6 +118,47 @@ class KidTerms:
         # c^T K c per draw as one GEMM: a three-operand einsum runs without BLAS, ~30x slower here
         pairs = ((counts @ self.within) * counts).sum(1) - counts @ np.diag(self.within)
         return pairs / (n * (n - 1)) + self.reference_within - 2 * (counts @ self.cross) / n
+
+
+@dataclass(frozen=True)
+class RunDraws:
+    """A run's FID and KID and their values on its seed's bootstrap index sets, in one feature space:
+    all that the paired statistics use of its per-sample features (:mod:`diffprune_bench.report.raw_draws`).
+
+    Stands in for the features wherever :func:`paired_fid_delta`, :func:`paired_kid_delta` and the
+    pairwise comparisons take them; valid only for the reference, seed, N and draw count it was computed
+    with, which every use checks."""
+
+    seed: int
+    n: int
+    draws: int
+    reference: str  #: the :attr:`Reference.digest` the values were computed against
+    fid: float
+    fid_draws: np.ndarray
+    kid: float
+    kid_draws: np.ndarray
+
+    def __len__(self) -> int:
+        return self.n
+
+    @classmethod
+    def compute(cls, features: np.ndarray, reference: Reference, seed: int, n: int,
+                draws: int = BOOTSTRAP_DRAWS) -> RunDraws:
+        """The draws of ``features``' first ``n`` rows, exactly as the paired statistics compute them."""
+        a = np.asarray(features[:n], np.float64)
+        counts = bootstrap_counts(n, draws, seed)
+        kid = KidTerms(a, reference)
+        return cls(seed, n, draws, reference.digest, reference.fid(a), reference.fid(a, counts), kid.kid(),
+                   kid.kid(counts))
+
+    def check(self, reference: Reference, seed: int, n: int, draws: int) -> None:
+        """Raise BenchError when these draws cannot stand in for features in this comparison."""
+        from diffprune_bench.errors import BenchError
+
+        have = (self.reference, self.seed, self.n, self.draws)
+        if have != (reference.digest, seed, n, draws):
+            raise BenchError(f"precomputed draws for (reference, seed, N, draws) = {have} cannot serve a comparison "
+                             f"with {(reference.digest, seed, n, draws)}: write the data again from the run folders")
 
 
 @dataclass
@@ -277,8 +324,11 @@ class DrawCache:
             self._counts[key] = bootstrap_counts(n, draws, seed)
         return self._counts[key]
 
-    def fid(self, features: np.ndarray, reference: Reference, seed: int, n: int,
+    def fid(self, features: np.ndarray | RunDraws, reference: Reference, seed: int, n: int,
             draws: int) -> tuple[float, np.ndarray]:
+        if isinstance(features, RunDraws):  # computed once already, when the data were written
+            features.check(reference, seed, n, draws)
+            return features.fid, features.fid_draws
         key = (id(features), id(reference), seed, n, draws)
         if key not in self._fids:
             a = np.asarray(features[:n], np.float64)
@@ -314,12 +364,22 @@ def paired_kid_delta(rows: dict[int, np.ndarray], controls: dict[int, np.ndarray
     per_seed, variances = [], []
     for seed in seeds:
         n = min(len(rows[seed]), len(controls[seed]))
-        a = KidTerms(np.asarray(rows[seed][:n], np.float64), reference)
-        b = KidTerms(np.asarray(controls[seed][:n], np.float64), reference)
-        per_seed.append(a.kid() - b.kid())
-        counts = bootstrap_counts(n, draws, seed)
-        variances.append(float(np.var(a.kid(counts) - b.kid(counts), ddof=1)))
+        counts = functools.cache(functools.partial(bootstrap_counts, n, draws, seed))  # drawn once, only for features
+        (kid_a, boot_a), (kid_b, boot_b) = (_kid_draws(side[seed], reference, seed, n, draws, counts)
+                                            for side in (rows, controls))
+        per_seed.append(kid_a - kid_b)
+        variances.append(float(np.var(boot_a - boot_b, ddof=1)))
     return combine(per_seed, variances, seeds)
+
+
+def _kid_draws(features: np.ndarray | RunDraws, reference: Reference, seed: int, n: int, draws: int,
+               counts: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
+    """Full-set KID and its bootstrap draws, from features or from a run's precomputed draws."""
+    if isinstance(features, RunDraws):
+        features.check(reference, seed, n, draws)
+        return features.kid, features.kid_draws
+    terms = KidTerms(np.asarray(features[:n], np.float64), reference)
+    return terms.kid(), terms.kid(counts())
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:

@@ -1,0 +1,59 @@
+"""Sample grids (``samples.png``) redrawn from the uint8 samples of committed data.
+
+Committed data (:mod:`diffprune_bench.report.raw_data`) keep no PNGs: a grid is a picture of the first 64
+samples, which the data already hold as uint8 images (``samples.npz``, or the grid samples of
+``draws.npz``). The leaderboard redraws it with the harness's own grid code and caption into a cache, so
+the plots and the web page show the same pictures from a clone as from the run folders, at no cost in
+committed bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffprune_bench.report.raw_draws import DRAWS_NPZ, GRID_SAMPLES, read_grid
+
+GRID_CACHE = Path(".diffbench-cache") / "grids"
+
+
+def grid_samples(run_folder: Path) -> np.ndarray | None:
+    """The first 64 uint8 samples kept in ``run_folder`` (samples.npz, else draws.npz), or None; a damaged
+    file gives no grid and no line of its own (it is named once, where its features or draws are read)."""
+    from diffprune_bench.evaluator import load_samples_uint8
+
+    try:
+        if (run_folder / "samples.npz").is_file():
+            return np.asarray(load_samples_uint8(run_folder / "samples.npz")[:GRID_SAMPLES])
+        if (run_folder / DRAWS_NPZ).is_file():
+            return read_grid(run_folder / DRAWS_NPZ)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        pass
+    return None
+
+
+def redrawn_grid(record: dict[str, Any], cache: Path = GRID_CACHE) -> str:
+    """The sample grid of ``record`` drawn from the samples beside it (cached by content); '' without any."""
+    import torch
+
+    from diffprune_bench.sample_grid import sample_caption, write_sample_grid
+
+    record_file = (record.get("paths") or {}).get("record")
+    samples = grid_samples(Path(record_file).parent) if record_file else None
+    if samples is None or samples.dtype != np.uint8 or samples.ndim != 4:
+        return ""
+    fid = (record.get("metrics") or {}).get("fid")
+    caption = sample_caption(str(record.get("method")), float(record.get("sparsity") or 0.0),
+                             int(record.get("seed") or 0), None if fid is None else float(fid), record.get("then"))
+    digest = hashlib.sha256(samples.tobytes() + str(samples.shape).encode() + caption.encode()).hexdigest()[:20]
+    path = cache / f"{digest}.png"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".tmp-{digest}.png")
+        write_sample_grid(torch.from_numpy(samples).float() / 127.5 - 1, partial, caption)
+        partial.replace(path)  # a reader never sees half a PNG
+    return str(path)
