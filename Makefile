@@ -56,4 +56,4 @@ site-screenshot: $(STAMP)
 	$(BIN)/python -m diffprune_bench.report.browser results/site/index.html results/site/screenshot.png
 
 regress: $(STAMP)
-	$(BIN)/diffbench regress --suite benchmarks/digits-ci.yaml --baseline results/ci-baseline.json
+	$(BIN)/diffbench regress --suite benchmarks/digits-ci.yaml --baseline results/ci-baseline.json --jobs $(JOBS)

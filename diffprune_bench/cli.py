@@ -417,14 +417,17 @@ def regress(
     results_dir: str = typer.Option(None, help="Run folder (default: a fresh results/runs/regress/<time>)."),
     cache_dir: str = typer.Option(None, help="Bases, extractors (default: fresh, in the run folder)."),
     device: str = typer.Option(None, help="auto | cpu | cuda"),
+    jobs: int = typer.Option(1, "--jobs", help="Cells run at once (one worker process each)."),
 ) -> None:
     """Run a suite and fail (exit 1) when any row's FID is worse than baseline + its seed-spread tolerance."""
+    if jobs < 1:
+        raise BenchError(f"--jobs {jobs} must be a positive integer (cells run at once)")
     from diffprune_bench.sweep.regress import format_table
     from diffprune_bench.sweep.regress import regress as run_regress
     from diffprune_bench.sweep.suite import load_suite
 
     outcome = run_regress(load_suite(suite), baseline, update=update_baseline, results_dir=results_dir,
-                          baseline_seeds=baseline_seeds,
+                          baseline_seeds=baseline_seeds, jobs=jobs,
                           overrides=_cli_values(cache_dir=cache_dir, device=device))
     typer.echo(format_table(outcome.comparisons))
     if outcome.updated:

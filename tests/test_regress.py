@@ -148,3 +148,26 @@ def test_regress_cli_prints_the_table_and_exits_non_zero_on_a_planted_regression
     worse = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path / "b")])
     assert worse.exit_code == 1
     assert "REGRESSED" in worse.output and "+0.900" in worse.output
+
+
+def test_regress_cli_runs_the_cells_with_the_jobs_it_is_given(baseline, tmp_path, monkeypatch):
+    """`make regress` passes --jobs $(JOBS): the check must hand it to the sweep, not drop it."""
+    from diffprune_bench.sweep import regress as regress_mod
+
+    suite_file = tmp_path / "mini-ci.yaml"
+    suite_file.write_text(json.dumps(SUITE))
+    asked, original = [], regress_mod.sweep
+
+    def recording_sweep(*args, jobs=1, **kwargs):
+        asked.append(jobs)
+        return original(*args, jobs=1, **kwargs)  # in-process: the fake run is patched into this process only
+
+    monkeypatch.setattr(regress_mod, "sweep", recording_sweep)
+    monkeypatch.setattr(suite_mod, "default_run", FakeRun())
+    args = ["regress", "--suite", str(suite_file), "--baseline", str(baseline), "--results-dir", str(tmp_path / "a")]
+    result = CliRunner().invoke(app, [*args, "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert asked == [2]
+    refused = CliRunner().invoke(app, [*args, "--jobs", "0"])
+    assert refused.exit_code == 2
+    assert refused.output.strip() == "error: --jobs 0 must be a positive integer (cells run at once)"

@@ -327,8 +327,10 @@ def regress(
     overrides: dict[str, Any] | None = None,
     run_fn: RunFn | None = None,
     progress: bool = True,
+    jobs: int = 1,
 ) -> RegressOutcome:
-    """Run ``suite`` and compare it with the baseline file, or (``update``) measure and rewrite that file."""
+    """Run ``suite`` and compare it with the baseline file, or (``update``) measure and rewrite that file;
+    ``jobs`` cells at a time (each pins its own thread count, so a cell's FID does not depend on it)."""
     if update:
         if len(suite.seeds) < 2:
             if baseline_seeds < 2:
@@ -342,7 +344,7 @@ def regress(
     folder = Path(results_dir) if results_dir else fresh_results_dir()
     # a fresh cache by default: the dense bases are trained by the code under test, not reused from disk
     overrides = {"cache_dir": str(folder / "cache"), **(overrides or {}), "results_dir": str(folder)}
-    outcome = sweep(suite, overrides=overrides, run_fn=run_fn, progress=progress)
+    outcome = sweep(suite, overrides=overrides, run_fn=run_fn, progress=progress, jobs=jobs)
     records = load_records(folder)
     if update:
         if outcome.failures:
