@@ -92,10 +92,18 @@ class Reference:
             second = np.stack([(features.T * c) @ features for c in counts])
         sigma = (second - n[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (n - 1)[:, None, None]
         product = self.root @ sigma @ self.root
-        roots = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.transpose(0, 2, 1)) / 2), 0, None))
+        roots = np.sqrt(np.clip(batched_eigvalsh((product + product.transpose(0, 2, 1)) / 2), 0, None))
         diff = mu - self.mu
         values = (diff * diff).sum(1) + np.trace(sigma, axis1=1, axis2=2) + self.trace - 2 * roots.sum(1)
         return float(values[0]) if single else values
+
+
+def batched_eigvalsh(matrices: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a stack of symmetric matrices (float64), through torch's LAPACK: numpy's loops one
+    small matrix at a time and took 18x longer for 200 draws of 64x64 (half of a table's render time)."""
+    import torch
+
+    return torch.linalg.eigvalsh(torch.from_numpy(np.ascontiguousarray(matrices, dtype=np.float64))).numpy()
 
 
 class KidTerms:
