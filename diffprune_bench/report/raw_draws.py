@@ -2,7 +2,7 @@
 to commit.
 
 The committed data of a table (:mod:`diffprune_bench.report.raw_data`) keep each run's N uint8 samples,
-from which every extractor's features are recomputed. At 8x8 that is 64 kB a run; at 28x28 it is 784 kB,
+from which every extractor's features are recomputed. At 8x8 that is 58 kB a run; at 28x28 600-760 kB,
 and a table of a hundred runs would not fit the data budget. What the paired statistics take from a run's
 features is, per feature space, only its full-sample FID and KID and their values on the B bootstrap
 index sets of its seed (the same index sets for every run of that seed: :func:`stats.bootstrap_counts`).
