@@ -98,3 +98,22 @@ def test_a_fashion_mnist_run_is_scored_by_fashion_net_against_the_test_split(tin
     assert protocol["extractor_protocol"]["reference_accuracy"] >= 0.90
     assert protocol["reference"]["split"] == "test" and protocol["reference"]["images"] == 10_000
     assert record["data"]["train_images"] == 60_000 and "MD5-verified" in record["data"]["source"]
+
+
+@needs_package
+def test_the_test_split_accuracy_is_kept_per_fingerprint_in_the_cache(tmp_path, monkeypatch):
+    """Every cell builds its extractors: the accuracy is computed once per weights, then read back."""
+    from diffprune_bench.metrics import fashion_net
+
+    first = build_extractor("fashion-net", tmp_path)
+    kept = tmp_path / "extractor-accuracy" / f"{FASHION_NET_FINGERPRINT}.json"
+    assert kept.is_file()
+
+    def no_split():
+        raise AssertionError("the test split was read again")
+
+    monkeypatch.setattr(fashion_net, "_test_split", no_split)
+    assert build_extractor("fashion-net", tmp_path).test_accuracy == first.test_accuracy
+    kept.write_text("{not json")  # a damaged entry is computed again, not trusted
+    monkeypatch.undo()
+    assert build_extractor("fashion-net", tmp_path).test_accuracy == first.test_accuracy

@@ -11,6 +11,7 @@ their hash is recorded in every record: a retrain on another CPU differs in its 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from diffprune_bench.errors import BenchError
-from diffprune_bench.filemodes import honour_umask
+from diffprune_bench.filemodes import atomic_write_text, honour_umask
 from diffprune_bench.metrics.extractor import FeatureExtractor, fit_classifier, load_shipped, quantize_uint8
 from diffprune_bench.models import weights_hash
 
@@ -97,18 +98,33 @@ def _test_split() -> tuple[torch.Tensor, torch.Tensor]:
     return load_dataset("fashion-mnist").reference.tensors
 
 
-def test_split_accuracy(net: nn.Module) -> tuple[float | None, str]:
-    """Accuracy on the 10,000 test images (the FID reference), or (None, why) when the files are not found."""
+def test_split_accuracy(net: nn.Module, fingerprint: str | None = None,
+                        cache_dir: str | Path | None = None) -> tuple[float | None, str]:
+    """Accuracy on the 10,000 test images (the FID reference), or (None, why) when the files are not found.
+
+    With a ``cache_dir`` the value is kept per weights ``fingerprint``: it is a function of the weights and
+    of the MD5-checked test split alone, and computing it again in every cell of a suite cost ~12 CPU s a
+    cell (reading the split and classifying it, for each extractor)."""
+    cache = Path(cache_dir) / "extractor-accuracy" / f"{fingerprint}.json" if cache_dir and fingerprint else None
+    if cache is not None and cache.is_file():
+        try:
+            return float(json.loads(cache.read_text())["accuracy"]), ""
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # damaged: computed again and rewritten below
     try:
         images, labels = _test_split()
     except BenchError as error:
         return None, str(error)
-    return accuracy(net, images, labels), ""
+    value = accuracy(net, images, labels)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps({"accuracy": value, "fingerprint": fingerprint}) + "\n")
+    return value, ""
 
 
 class ShippedFashionExtractor(FeatureExtractor):
     """Features of a Fashion-MNIST classifier shipped with the package, refused unless its weights carry the
-    protocol's fingerprint; ``cache_dir`` is accepted for the common extractor signature."""
+    protocol's fingerprint; ``cache_dir`` keeps its test-split accuracy (see :func:`test_split_accuracy`)."""
 
     weights: Path
     protocol_fingerprint: str
@@ -120,7 +136,7 @@ class ShippedFashionExtractor(FeatureExtractor):
         if self._fingerprint != self.protocol_fingerprint:
             raise BenchError(f"{self.weights} has fingerprint {self._fingerprint}, "
                              f"not the protocol's {self.protocol_fingerprint}: reinstall the package")
-        self.test_accuracy, self.accuracy_unavailable = test_split_accuracy(self.net)
+        self.test_accuracy, self.accuracy_unavailable = test_split_accuracy(self.net, self._fingerprint, cache_dir)
 
     def load(self) -> nn.Module:
         raise NotImplementedError
