@@ -377,3 +377,19 @@ def test_each_table_says_its_floor_and_its_extractors_accuracy(records_dir, tmp_
             "accuracy.") in markdown
     board = lb.build(load_records(records_dir))
     assert lb.protocol_note(board.groups[0]) in markdown
+
+
+def test_each_table_shows_only_the_feature_spaces_its_own_records_scored(tmp_path):
+    """Two datasets with different second extractors on one board: neither table grows the other's column."""
+    runs = tmp_path / "two-spaces"
+    for dataset, space in (("digits", "digits-mlp"), ("fashion-mnist", "fashion-mlp")):
+        for seed in range(2):
+            for method, sparsity, shift in (("dense", 0.0, 0.0), ("magnitude", 0.5, 0.3)):
+                record = make_record(method, sparsity, seed, 1 + shift, family="dense" if method == "dense" else None)
+                record["dataset"] = record["config"]["dataset"] = dataset
+                record["run_id"] = f"{dataset}-{record['run_id']}"  # one folder per run
+                save_with_features(runs, record, shift, spaces={space: shift})
+    board = lb.build(load_records(runs))
+    shown = {group.table["dataset"].iloc[0]: list(lb.display_table(group).columns) for group in board.groups}
+    assert "FID digits-mlp" in shown["digits"] and "FID fashion-mlp" not in shown["digits"]
+    assert "FID fashion-mlp" in shown["fashion-mnist"] and "FID digits-mlp" not in shown["fashion-mnist"]

@@ -514,7 +514,8 @@ def _prdc(r: pd.Series) -> str:
 def display_table(group: Group) -> pd.DataFrame:
     """The Markdown view of one group: formatted strings, the significant best in bold."""
     table = group.table
-    spaces = [c[len(SPACE_FID):] for c in table.columns if c.startswith(SPACE_FID)]
+    # the spaces this table's records scored (the board's frame has a column for every table's spaces)
+    spaces = [c[len(SPACE_FID):] for c in table.columns if c.startswith(SPACE_FID) and table[c].notna().any()]
     traj_scale, traj_unit = _unit(
         float(table.get("macs_trajectory_effective", pd.Series([0.0])).max() or 0.0)
     )
