@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from diffprune_bench.errors import BenchError
@@ -148,11 +149,11 @@ class _RunWriter:
         if run is not None:
             samples = _file(run.get("samples_uint8"))
             num_samples = (record.get("protocol") or {}).get("num_samples")
-            readable = samples if samples is not None and read_samples(samples, num_samples) is not None else None
-            if self.form == SAMPLES_FORM and readable is not None:
-                shutil.copyfile(readable, run_dir / SAMPLES_NPZ)
+            loaded = read_samples(samples, num_samples) if samples is not None else None  # checked once
+            if self.form == SAMPLES_FORM and loaded is not None:
+                shutil.copyfile(samples, run_dir / SAMPLES_NPZ)
                 paths["samples_uint8"] = f"{name}/{SAMPLES_NPZ}"
-            elif self.form == DRAWS_FORM and self._write_draws(run, readable, run_dir / raw_draws.DRAWS_NPZ):
+            elif self.form == DRAWS_FORM and self._write_draws(run, loaded, run_dir / raw_draws.DRAWS_NPZ):
                 paths["draws"] = f"{name}/{raw_draws.DRAWS_NPZ}"
             reference = self._copy_reference(_file(run.get("reference_features")), folder)
             if reference is not None:
@@ -167,23 +168,24 @@ class _RunWriter:
         kept = portable({key: value for key, value in record.items() if key != "paths"})
         (run_dir / RECORD_NAME).write_text(json.dumps({**kept, "paths": paths}, indent=2, sort_keys=True) + "\n")
 
-    def _write_draws(self, run: pd.Series, samples: Path | None, path: Path) -> bool:
-        """The run's draws in every space it has features and a reference in; False when it has none."""
+    def _write_draws(self, run: pd.Series, samples: np.ndarray | None, path: Path) -> bool:
+        """The run's draws in every space it has features and a reference in, with its grid samples (from
+        ``samples``, or from the draws committed before); False when it has none."""
         spaces: dict[str, RunDraws] = {}
         for space in [None, *self.spaces]:
             features = self.store.for_run(run, space)
-            column = "reference_features" if space is None else SPACE_REFERENCE + space
-            reference = self.store.reference(run.get(column))
-            if features is not None and reference is not None and not isinstance(features, RunDraws):
+            if isinstance(features, RunDraws):  # already in the draws form (data written again)
+                spaces[space or raw_draws.PRIMARY] = features
+                continue
+            reference = self.store.reference(run.get("reference_features" if space is None
+                                                     else SPACE_REFERENCE + space))
+            if features is not None and reference is not None:
                 spaces[space or raw_draws.PRIMARY] = RunDraws.compute(features, reference, int(run["seed"]),
                                                                       len(features))
-            elif isinstance(features, RunDraws):  # already in the draws form (data written again)
-                spaces[space or raw_draws.PRIMARY] = features
         if not spaces:
             return False
-        grid = read_samples(samples, None) if samples is not None else None
-        if grid is None and isinstance(run.get("draws"), str) and Path(run["draws"]).is_file():
-            grid = raw_draws.read_grid(run["draws"])
+        committed = _file(run.get("draws"))
+        grid = samples if samples is not None else raw_draws.read_grid(committed) if committed else None
         raw_draws.write_draws(path, spaces, grid)
         return True
 
