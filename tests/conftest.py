@@ -10,7 +10,10 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One intra-op thread per test process: `make test` runs one pytest-xdist worker per core, and two workers of
+# two OpenMP threads each on two cores spin against each other (a tiny UNet's training step measured 4.5 s
+# instead of 47 ms on a busy 2-core machine). Tests of thread handling set their own counts.
+torch.set_num_threads(1)
 
 TINY_BUDGET: dict[str, Any] = {
     "base_steps": 30,
