@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 # two OpenMP threads each on two cores spin against each other (a tiny UNet's training step measured 4.5 s
 # instead of 47 ms on a busy 2-core machine). Tests of thread handling set their own counts.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the processes tests start (workers, CLIs, torchrun)
 
 TINY_BUDGET: dict[str, Any] = {
     "base_steps": 30,
