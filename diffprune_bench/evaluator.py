@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffprune_bench import __version__
 from diffprune_bench.base_model import BaseModel
+from diffprune_bench.code_digest import code_digest
 from diffprune_bench.config import RunConfig
 from diffprune_bench.data import DataBundle, image_batches
 from diffprune_bench.diffusion import ddim_sample, initial_noise, sampler_protocol
@@ -43,7 +43,6 @@ from diffprune_bench.metrics.spaces import FeatureSpace, build_space, save_refer
 from diffprune_bench.models import count_params, weights_hash
 from diffprune_bench.progress import progress_bar
 from diffprune_bench.registry import Deployable
-from diffprune_bench.results import git_commit
 from diffprune_bench.sample_cache import SampleCache
 from diffprune_bench.sample_grid import sample_caption, write_sample_grid
 from diffprune_bench.trainer import autocast
@@ -184,7 +183,7 @@ class Evaluator:
                 "threads": torch.get_num_threads(), "device": str(self.device),
                 "device_name": device_name(self.device), "host": platform.node(), "precision": self.cfg.precision,
                 "channels_last": self.cfg.channels_last, "compile": self.cfg.compile,
-                "spacing": self.cfg.timestep_spacing, "code": self._code_version or git_commit() or __version__,
+                "spacing": self.cfg.timestep_spacing, "code": self._code_version or code_digest(),
             }
             dense = trajectory_signature(lambda _step: self.base.model, self.cfg.sample_steps)
             self._latency_context = (dense, protocol)

@@ -23,6 +23,7 @@ from torch import nn
 
 from diffprune_bench import __version__
 from diffprune_bench.base_model import BaseModel, get_base_model, make_context, seed_everything
+from diffprune_bench.code_digest import code_digest
 from diffprune_bench.config import RunConfig, resume_refusal
 from diffprune_bench.context import MethodContext
 from diffprune_bench.data import get_dataset_spec, load_dataset
@@ -163,6 +164,7 @@ def _run_validated(cfg: RunConfig) -> list[dict[str, Any]]:
         "status": "running",
         "started_at": utc_now(),
         "git_commit": git_commit(),
+        "code_digest": code_digest(),  # what the latency and shared-training caches are keyed by
         "harness_version": __version__,
         "method": cfg.method,
         "method_label": method.display_name or method.name,
@@ -210,12 +212,12 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
     base = get_base_model(cfg, data, device)
     record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train", "pretrained")}
-    evaluator = (Evaluator(cfg, data, device, base, lock, code_version=record.get("git_commit"))
+    evaluator = (Evaluator(cfg, data, device, base, lock, code_version=record["code_digest"])
                  if dist.is_main else None)  # rank 0 alone evaluates
     record["protocol"] = evaluator.protocol() if evaluator else None
 
     seed_everything(cfg.seed)
-    shared = entry_path(cfg, record.get("git_commit")) if cfg.share_training else None
+    shared = entry_path(cfg, record["code_digest"]) if cfg.share_training else None
     stored = load_trained(shared, device) if shared is not None else None  # another cell trained this model
     steps = training_budget(cfg, method)
     model = starting_model(cfg, method, base, device) if stored is None else None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffprune_bench.code_digest import code_digest
 from diffprune_bench.harness import run
 from diffprune_bench.metrics.graph_latency import (
     LatencyStore,
@@ -102,3 +103,18 @@ def test_runs_of_one_architecture_share_a_measurement_and_others_do_not(tiny_con
     dense_ft = run(tiny_config(method="dense-ft"))[0]["metrics"]["latency"]
     assert masked["graph_key"] != first["graph_key"]  # the dense graph, not the pruned one
     assert dense_ft["reused"] is True and dense_ft["measured_in"] == masked["measured_in"]
+
+
+def test_a_new_commit_that_leaves_the_package_alone_keeps_the_measurement(tiny_config, monkeypatch):
+    """Slices are committed between runs: a commit of records, tests or docs must not empty the cache."""
+    import diffprune_bench.harness as harness_module
+
+    monkeypatch.setattr(harness_module, "git_commit", lambda: "commit-before")
+    first = run(tiny_config(method="magnitude", sparsity=0.5))[0]
+    monkeypatch.setattr(harness_module, "git_commit", lambda: "commit-after")
+    later = run(tiny_config(method="random", sparsity=0.5))[0]
+    assert (first["git_commit"], later["git_commit"]) == ("commit-before", "commit-after")
+    assert later["code_digest"] == first["code_digest"] == code_digest()
+    assert later["metrics"]["latency"]["reused"] is True
+    assert later["metrics"]["latency"]["measured_in"] == first["metrics"]["latency"]["measured_in"]
+

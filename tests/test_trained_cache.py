@@ -47,7 +47,7 @@ def test_a_composed_run_evaluates_the_shared_training_instead_of_training_again(
     plain = tiny_config(method="magnitude", sparsity=0.5, share_training=True)
     first = run(plain)[0]
     assert "reused_from" not in first["training"]
-    commit = first.get("git_commit")
+    commit = first["code_digest"]
     assert entry_path(resolve_config(plain.validate()), commit).is_file()
 
     def no_training(*_args, **_kwargs):
@@ -72,7 +72,7 @@ def test_a_composed_run_evaluates_the_shared_training_instead_of_training_again(
 def test_a_damaged_entry_is_retrained_not_fatal(tiny_config):
     cfg = tiny_config(method="random", sparsity=0.5, share_training=True)
     first = run(cfg)[0]
-    path = entry_path(resolve_config(cfg.validate()), first.get("git_commit"))
+    path = entry_path(resolve_config(cfg.validate()), first["code_digest"])
     path.write_bytes(b"not a torch file")
     again = run(cfg.replace(run_id="after-damage"))[0]
     assert "reused_from" not in again["training"] and again["status"] == "ok"
