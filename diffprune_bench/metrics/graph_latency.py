@@ -8,9 +8,9 @@ the seeds of a method share their architecture. Timing each of them again only m
 architectures used to get speed-ups from 1.03x to 1.32x). So a measurement is stored under a signature of
 what determines its time and nothing else: the modules each sampling step runs (their types, parameter and
 buffer shapes and dtypes, configuration attributes, hooks), which step runs which, the dense trajectory it
-is paired with, and the protocol (batch, repeats, threads, precision, device, host, code). Weights are left
-out on purpose. A record whose graph was timed before gets that measurement, marked ``reused`` with the
-run it was ``measured_in``.
+is paired with, and the protocol (batch, repeats, threads, precision, device, host, the package source's
+digest). Weights are left out on purpose. A record whose graph was timed before gets that measurement,
+marked ``reused`` with the run it was ``measured_in``.
 """
 
 from __future__ import annotations
