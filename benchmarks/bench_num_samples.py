@@ -16,10 +16,10 @@ wall time from the records (``eval_wall_s``: sampling, FID/KID, latency), i.e. t
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 
 import numpy as np
 import pandas as pd
+from bench_grid_time import cell_frame  # this folder's script: where a record's seconds went
 
 from diffprune_bench.report import leaderboard
 from diffprune_bench.report.compare import FeatureStore
@@ -29,27 +29,23 @@ from diffprune_bench.results import load_records
 ROW = ["method", "variant", "then", "trained_sparsity", "sparsity"]
 
 
-def truncating_store(n: int) -> type[FeatureStore]:
+class TruncatedStore(FeatureStore):
     """A FeatureStore whose runs' features are their first ``n`` rows (the first n evaluation noises)."""
 
-    class Truncated(FeatureStore):
-        def for_run(self, run: pd.Series, space: str | None = None):  # type: ignore[override]
-            features = super().for_run(run, space)
-            if isinstance(features, RunDraws):
-                raise SystemExit("this run has committed draws, not features: point --results at the run folders")
-            return None if features is None else features[:n]
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
 
-    return Truncated
+    def for_run(self, run: pd.Series, space: str | None = None):  # type: ignore[override]
+        features = super().for_run(run, space)
+        if isinstance(features, RunDraws):
+            raise SystemExit("this run has committed draws, not features: point --results at the run folders")
+        return None if features is None else features[:self.n]
 
 
 def table_at(records: list[dict], suite: str, n: int) -> pd.DataFrame:
     """The suite's first table with every run's features cut to their first ``n`` rows."""
-    original = leaderboard.FeatureStore
-    leaderboard.FeatureStore = truncating_store(n)  # type: ignore[misc]
-    try:
-        board = leaderboard.build(records, [suite])
-    finally:
-        leaderboard.FeatureStore = original  # type: ignore[misc]
+    board = leaderboard.build(records, [suite], store=TruncatedStore(n))
     if not board.groups:
         raise SystemExit(f"no finished runs of suite {suite!r}")
     table = board.groups[0].table.fillna({"variant": "", "then": "", "trained_sparsity": 0.0})
@@ -81,14 +77,8 @@ def control_fid(records: list[dict], suite: str, n: int, store: FeatureStore, su
 
 def eval_share(records: list[dict], suite: str) -> tuple[float, float]:
     """(evaluation minutes, cell minutes) summed over the suite's ok records."""
-    evaluation = total = 0.0
-    for r in records:
-        if r.get("suite") != suite or r.get("status") != "ok":
-            continue
-        started, finished = (dt.datetime.fromisoformat(r[k]) for k in ("started_at", "finished_at"))
-        total += (finished - started).total_seconds() / 60
-        evaluation += float(r.get("eval_wall_s") or 0.0) / 60
-    return evaluation, total
+    cells = cell_frame([r for r in records if r.get("suite") == suite])
+    return (cells["eval_s"].sum() / 60, cells["cell_s"].sum() / 60) if not cells.empty else (0.0, 0.0)
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ class Evaluator:
     """Measures a Deployable under the run's protocol; built once per run, reused for every variant."""
 
     def __init__(self, cfg: RunConfig, data: DataBundle, device: torch.device, base: BaseModel,
-                 lock: MachineLock | None = None, code_version: str | None = None) -> None:
+                 lock: MachineLock | None = None) -> None:
         self.cfg, self.data, self.device, self.base = cfg, data, device, base
         self.extractor: FeatureExtractor = build_extractor(
             cfg.fid_extractor, cfg.cache_dir, weights=cfg.inception_weights, device=device
@@ -86,7 +86,6 @@ class Evaluator:
         self.base_macs = self.macs.count(base.model, data.shape).total  # shared by every variant
         self.lock = lock
         self._search_reference = None  # training-split statistics, computed when a search first asks
-        self._code_version = code_version  # a latency measured by other code is not reused (None: looked up)
         self._latency_context: tuple[str, dict[str, Any]] | None = None
 
     def protocol(self) -> dict[str, Any]:
@@ -183,7 +182,7 @@ class Evaluator:
                 "threads": torch.get_num_threads(), "device": str(self.device),
                 "device_name": device_name(self.device), "host": platform.node(), "precision": self.cfg.precision,
                 "channels_last": self.cfg.channels_last, "compile": self.cfg.compile,
-                "spacing": self.cfg.timestep_spacing, "code": self._code_version or code_digest(),
+                "spacing": self.cfg.timestep_spacing, "code": code_digest(),  # other code: measured again
             }
             dense = trajectory_signature(lambda _step: self.base.model, self.cfg.sample_steps)
             self._latency_context = (dense, protocol)

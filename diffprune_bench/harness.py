@@ -212,7 +212,7 @@ def _run(cfg: RunConfig, method: Method, device: torch.device, run_dir: Path, re
     record["data"] = {"source": data.source, "train_images": len(data.train), "resolution": data.resolution}
     base = get_base_model(cfg, data, device)
     record["base"] = {k: base.info.get(k) for k in ("source", "hash", "cached", "train", "pretrained")}
-    evaluator = (Evaluator(cfg, data, device, base, lock, code_version=record["code_digest"])
+    evaluator = (Evaluator(cfg, data, device, base, lock)
                  if dist.is_main else None)  # rank 0 alone evaluates
     record["protocol"] = evaluator.protocol() if evaluator else None
 

@@ -47,8 +47,7 @@ def test_a_composed_run_evaluates_the_shared_training_instead_of_training_again(
     plain = tiny_config(method="magnitude", sparsity=0.5, share_training=True)
     first = run(plain)[0]
     assert "reused_from" not in first["training"]
-    commit = first["code_digest"]
-    assert entry_path(resolve_config(plain.validate()), commit).is_file()
+    assert entry_path(resolve_config(plain.validate()), first["code_digest"]).is_file()
 
     def no_training(*_args, **_kwargs):
         raise AssertionError("a shared training was run again")

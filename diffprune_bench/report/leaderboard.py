@@ -374,8 +374,10 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Leaderboard:
-    """Group and aggregate ``records`` (only those of ``suites`` when given)."""
+def build(records: list[dict[str, Any]], suites: list[str] | None = None,
+          store: FeatureStore | None = None) -> Leaderboard:
+    """Group and aggregate ``records`` (only those of ``suites`` when given); ``store`` supplies the runs'
+    features (default: each run's files as they are)."""
     if suites:
         records = [r for r in records if r.get("suite") in suites]
     records = convertible_records(records)
@@ -383,7 +385,7 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None) -> Lea
     groups: list[Group] = []
     if not runs.empty:
         table = aggregate(runs)
-        store = FeatureStore()
+        store = store or FeatureStore()
         for group_id, part in table.groupby("group", sort=True):
             key = {name: part[name].iloc[0] for name in GROUP_COLUMNS}
             group_runs = runs[runs["group"] == group_id].reset_index(drop=True)
