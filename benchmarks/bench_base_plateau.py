@@ -8,8 +8,8 @@ run are exactly the base a run with ``base_steps = t`` caches (same data order, 
 snapshot is scored under the suite's protocol (the dataset's default FID extractor and sampler steps, the
 evaluation noise of that seed).
 
-The plateau is the smallest budget t at which 1.5 x t steps improve the seed-mean FID by less than the
-seed-to-seed std. Prints a table, writes ``results/plots/base_plateau.png`` (``base_plateau_<dataset>.png``
+The plateau is the smallest budget t from which every 1.5 x step improves the seed-mean FID by less than
+the seed-to-seed std (the smaller of the two budgets'). Prints a table, writes ``results/plots/base_plateau.png`` (``base_plateau_<dataset>.png``
 for other datasets) and a CSV beside it.
 
     python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
@@ -63,13 +63,23 @@ class Snapshots(Method):
 
 
 def plateau(table: pd.DataFrame) -> int | None:
-    """Smallest budget whose 1.5x successor improves the mean FID by less than the seed std."""
+    """Smallest budget from which every 1.5x step improves the mean FID by less than the seed std.
+
+    The std compared is the smaller of the two budgets' stds: early budgets spread widely across seeds
+    (fashion-mnist at 1,000 steps: FID 23.9 and 13.9), so the earlier budget's std alone called a plateau
+    where the FID still fell 4x. Every later step must stay under it too, not only the first.
+    """
     means = table.groupby("steps")["fid"].mean()
     stds = table.groupby("steps")["fid"].std().fillna(0.0)
     budgets = sorted(means.index)
+    pairs = []
     for t in budgets:
         later = [u for u in budgets if u >= 1.5 * t - 1]
-        if later and means[t] - means[later[0]] < stds[t]:
+        if later:
+            pairs.append((t, later[0]))
+    flat = [means[t] - means[u] < min(stds[t], stds[u]) for t, u in pairs]
+    for i, (t, _) in enumerate(pairs):
+        if all(flat[i:]):
             return int(t)
     return None
 
@@ -139,7 +149,8 @@ def report(table: pd.DataFrame, args: argparse.Namespace) -> None:
     summary = table.groupby("steps")["fid"].agg(["mean", "std", "count"]).reset_index()
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     chosen = plateau(table)
-    print(f"plateau (1.5x more steps improves FID by less than the seed std): {chosen} steps")
+    print("plateau (from it on, each 1.5x more steps improves FID by less than the seed std): "
+          + (f"{chosen} steps" if chosen else "not reached at the budgets measured"))
 
     dataset = str(table["dataset"].iloc[0]) if "dataset" in table else "digits"
     extractor = str(table["extractor"].iloc[0]) if "extractor" in table else "digits-net"
