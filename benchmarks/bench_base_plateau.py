@@ -9,8 +9,8 @@ snapshot is scored under the suite's protocol (the dataset's default FID extract
 evaluation noise of that seed).
 
 The plateau is the smallest budget t from which every 1.5 x step improves the seed-mean FID by less than
-the seed-to-seed std (the smaller of the two budgets'). Prints a table, writes ``results/plots/base_plateau.png`` (``base_plateau_<dataset>.png``
-for other datasets) and a CSV beside it.
+the seed-to-seed std (the smaller of the two budgets'). Prints a table, writes
+``results/plots/base_plateau.png`` (``base_plateau_<dataset>.png`` for other datasets) and a CSV beside it.
 
     python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
     python benchmarks/bench_base_plateau.py --dataset fashion-mnist --seeds 0 --steps 250 500 1000 2000

@@ -19,7 +19,7 @@ def plateau_rule():
 
 def curve(fids_by_seed: dict[int, list[float]], steps: list[int]) -> pd.DataFrame:
     return pd.DataFrame([{"seed": seed, "steps": t, "fid": fid}
-                         for seed, fids in fids_by_seed.items() for t, fid in zip(steps, fids)])
+                         for seed, fids in fids_by_seed.items() for t, fid in zip(steps, fids, strict=True)])
 
 
 STEPS = [1000, 1500, 2250, 3375, 5000, 7500]
