@@ -49,6 +49,11 @@ def side_by_side(left: pd.DataFrame, right: pd.DataFrame, names: tuple[str, str]
         print(f"\n## {target:.0%} trajectory MACs saved: {len(rows)} rows on target in both; "
               f"Kendall tau {tau:+.2f} (p = {p:.2g})")
         print(rows.sort_values(f"FID {names[1]}").round(3).to_string())
+        power = {side: (int(t.loc[common, "n_seeds"].min()), len(set("".join(t.loc[common, "letters"]))))
+                 for side, t in zip(names, (a, b), strict=True)}
+        print("  seeds (fewest) and groups: " + "; ".join(f"{side} {n} seeds, {g} groups"
+                                                       for side, (n, g) in power.items())
+              + " (fewer seeds separate fewer rows: a row joining the leading group may only mean less power)")
         in_a = {side: set(rows.index[rows[f"letters {side}"].str.contains("a")]) for side in names}
         for label, moved in (("joins", in_a[names[1]] - in_a[names[0]]), ("leaves", in_a[names[0]] - in_a[names[1]])):
             for row in sorted(moved, key=str):
