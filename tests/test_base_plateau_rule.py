@@ -10,11 +10,14 @@ import pandas as pd
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_base_plateau.py"
 
 
-def plateau_rule():
+def load_plateau_rule():
     spec = importlib.util.spec_from_file_location("bench_base_plateau", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.plateau
+
+
+plateau_rule = load_plateau_rule()  # the script is loaded once, not once per test
 
 
 def curve(fids_by_seed: dict[int, list[float]], steps: list[int]) -> pd.DataFrame:
@@ -28,7 +31,7 @@ STEPS = [1000, 1500, 2250, 3375, 5000, 7500]
 def test_a_wide_early_seed_spread_does_not_call_a_plateau_while_the_fid_keeps_falling():
     # fashion-mnist's measured curve: seeds 23.9 and 13.9 at 1,000 steps, still falling 0.75 at 7,500
     table = curve({0: [23.87, 14.71, 10.28, 6.04, 3.78, 2.75], 1: [13.93, 8.67, 5.17, 3.42, 2.92, 2.45]}, STEPS)
-    assert plateau_rule()(table) is None
+    assert plateau_rule(table) is None
 
 
 def test_the_plateau_is_where_every_later_step_stays_within_the_seed_spread():
@@ -37,9 +40,9 @@ def test_the_plateau_is_where_every_later_step_stays_within_the_seed_spread():
     table = curve({0: [2.20, 1.66, 1.00, 0.65, 0.40, 0.35],
                    1: [2.30, 1.70, 1.15, 0.80, 0.55, 0.45],
                    2: [2.50, 1.68, 1.28, 0.93, 0.72, 0.61]}, steps)
-    assert plateau_rule()(table) == 2025
+    assert plateau_rule(table) == 2025
 
 
 def test_one_flat_step_followed_by_a_real_drop_is_not_a_plateau():
     table = curve({0: [10.0, 9.9, 5.0, 4.95, 4.9, 4.9], 1: [10.4, 10.2, 5.3, 5.2, 5.2, 5.1]}, STEPS)
-    assert plateau_rule()(table) == 2250
+    assert plateau_rule(table) == 2250

@@ -117,4 +117,3 @@ def test_a_new_commit_that_leaves_the_package_alone_keeps_the_measurement(tiny_c
     assert later["code_digest"] == first["code_digest"] == code_digest()
     assert later["metrics"]["latency"]["reused"] is True
     assert later["metrics"]["latency"]["measured_in"] == first["metrics"]["latency"]["measured_in"]
-
