@@ -134,6 +134,20 @@ def test_training_budget_separates_tables_too(records_dir):
     assert sorted(len(g.table) for g in board.groups) == [1, 5]
 
 
+def test_a_replaced_shipped_base_makes_another_table(tmp_path):
+    def shipped(method: str, sparsity: float, fid: float, weights: str) -> dict:
+        record = make_record(method, sparsity, 0, fid, config={"base": "fashion-mnist"}, run_id=f"{method}-{weights}")
+        record["base"] = {"hash": weights}
+        return record
+
+    board = lb.build([shipped("dense", 0.0, 2.5, "old7500"), shipped("magnitude", 0.5, 5.0, "old7500"),
+                      shipped("dense", 0.0, 2.0, "new16875"), shipped("magnitude", 0.5, 4.0, "new16875")])
+    assert len(board.groups) == 2
+    by_base = {g.key["budget"].split(";")[0]: g.table["fid_mean"].tolist() for g in board.groups}
+    assert by_base == {"base fashion-mnist (weights old7500)": [2.5, 5.0],
+                       "base fashion-mnist (weights new16875)": [2.0, 4.0]}
+
+
 def test_failed_runs_are_listed_separately_and_reruns_keep_the_latest(records_dir):
     save(records_dir, make_record("taylor", 0.75, 0, 0.0, status="failed", run_id="broken"))
     # a failure that a later ok run of the same cell replaced is not listed
@@ -393,3 +407,18 @@ def test_each_table_shows_only_the_feature_spaces_its_own_records_scored(tmp_pat
     shown = {group.table["dataset"].iloc[0]: list(lb.display_table(group).columns) for group in board.groups}
     assert "FID digits-mlp" in shown["digits"] and "FID fashion-mlp" not in shown["digits"]
     assert "FID fashion-mlp" in shown["fashion-mnist"] and "FID digits-mlp" not in shown["fashion-mnist"]
+
+
+def test_records_of_two_bases_in_one_seed_are_warned_about(capsys):
+    old = make_record("dense", 0.0, 0, 2.0, run_id="dense-old")
+    new = make_record("magnitude", 0.5, 0, 3.0, run_id="magnitude-new")
+    other_seed = make_record("dense", 0.0, 1, 2.1, run_id="dense-seed1")
+    old["base"], new["base"], other_seed["base"] = {"hash": "aaaa"}, {"hash": "bbbb"}, {"hash": "cccc"}
+    lb.build([old, new, other_seed])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "different bases" in line]
+    # seed 0 mixes two bases; seed 1's own base is another seed's, which is how per-seed bases look
+    assert len(warnings) == 1 and "seed 0" in warnings[0]
+    assert "aaaa (1 records)" in warnings[0] and "bbbb (1 records)" in warnings[0]
+    new["base"] = {"hash": "aaaa"}
+    lb.build([old, new, other_seed])
+    assert "different bases" not in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from diffprune_bench.report.raw_draws import DRAWS_NPZ
 from diffprune_bench.report.raw_grids import redrawn_grid
 from diffprune_bench.report.stats import PAIRWISE_NOTE, STATISTICS_NOTE
 from diffprune_bench.report.training_compute import training_macs
-from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn_skipped
+from diffprune_bench.results import atomic_write_text, ensure_writable, load_records, warn, warn_skipped
 from diffprune_bench.shipped_bases import TRAIN_KEYWORD
 
 #: what a reader may expect when re-running a cell (measured: see the README's "Reproducibility")
@@ -107,9 +108,13 @@ def method_traits(record: dict[str, Any]) -> tuple[bool, bool]:
     return cls.is_baseline, cls.takes_sparsity
 
 
-def _budget(config: dict[str, Any]) -> str:
+def _budget(config: dict[str, Any], base_weights: str | None = None) -> str:
+    """The training budget that defines a table. A named base (pretrained or shipped, one for every seed) is
+    named with its weights' hash: a shipped base replaced by a longer-trained one makes another table, never
+    one table whose rows were measured from two bases."""
     named = config.get("base") not in (None, "", TRAIN_KEYWORD)  # a pretrained or shipped base, by its name
-    base = f"base {config['base']}" if named else f"base {config.get('base_steps')} steps"
+    weights = f" (weights {base_weights})" if named and base_weights else ""
+    base = f"base {config['base']}{weights}" if named else f"base {config.get('base_steps')} steps"
     scratch = config.get("scratch_steps")
     scratch_text = f"; scratch {scratch} steps" if scratch is not None and scratch != config.get("base_steps") else ""
     return f"{base}; fine-tune {config.get('finetune_steps')} steps{scratch_text}; batch {config.get('batch_size')}"
@@ -183,7 +188,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "timestep_spacing": sampler.get("spacing"),
         "sampler_precision": sampler.get("precision") or "fp32",
         "num_samples": protocol.get("num_samples"),
-        "budget": _budget(config),
+        "budget": _budget(config, (record.get("base") or {}).get("hash")),
         "fid_floor": protocol.get("fid_floor"),
         "method": record.get("method"),
         "variant": record.get("variant") or "",
@@ -381,6 +386,7 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None,
     if suites:
         records = [r for r in records if r.get("suite") in suites]
     records = convertible_records(records)
+    warn_mixed_bases(records)
     runs = runs_frame(records)
     groups: list[Group] = []
     if not runs.empty:
@@ -399,6 +405,24 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None,
             groups.append(Group(key=key, table=compared, runs=group_runs, slug="", stats=statistics))
     _assign_slugs(groups)
     return Leaderboard(groups=groups, failed=failed_frame(records), records=len(records))
+
+
+def warn_mixed_bases(records: list[dict[str, Any]]) -> None:
+    """One warning line per suite, dataset and seed whose ok records come from more than one base: their
+    rows would be compared with controls measured on another base (a base replaced mid-suite, records of
+    the old one left beside the new). The sweep reruns such cells; the stale records must go."""
+    bases: dict[tuple[Any, Any, Any], Counter[str]] = defaultdict(Counter)
+    for record in records:
+        weights = (record.get("base") or {}).get("hash")
+        if weights and record.get("status") == "ok":
+            dataset = (record.get("config") or {}).get("dataset", record.get("dataset"))
+            bases[(record.get("suite"), dataset, record.get("seed"))][str(weights)] += 1
+    for (suite, dataset, seed), counts in sorted(bases.items(), key=str):
+        if len(counts) > 1:
+            found = ", ".join(f"{weights} ({n} records)" for weights, n in counts.most_common())
+            warn(f"suite {suite}, {dataset} seed {seed}: records from {len(counts)} different bases ({found}); "
+                 "each row must be measured from its controls' base: remove the stale records or run the "
+                 "suite again")
 
 
 def convertible_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

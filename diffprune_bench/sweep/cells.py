@@ -93,7 +93,7 @@ def run_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
     except RunDirBusy as error:
         return CellOutcome(str(error), None, 0.0, busy=True)
     try:
-        done = finished_fid(run_dir)
+        done = finished_fid(run_dir, cfg)
         if done is not None:
             return CellOutcome(None, done, 0.0)
         return run_claimed_cell(run_fn, resume_if_interrupted(cfg))
@@ -101,13 +101,40 @@ def run_cell(run_fn: RunFn, cfg: RunConfig) -> CellOutcome:
         claim.release()
 
 
-def finished_fid(run_dir: Path) -> float | None:
-    """The FID of the ok record of the training run in ``run_dir`` (nan without one), None when unfinished."""
+def other_base(record: dict[str, Any], cfg: RunConfig) -> str | None:
+    """Why ``record`` was measured from another base than the one ``cfg`` starts from today (None: same).
+
+    A cell's run id names what it measures, not the base's weights: when a dataset's default base budget
+    changes, or its shipped base is replaced by a longer-trained one, the old records still carry the cell's
+    run id. Counting them as done would mix two bases in one table (each row against the other base's
+    controls), so they are not done, and the cell runs again."""
+    from diffprune_bench.harness import resolve_config
+    from diffprune_bench.shipped_bases import pretrained_base, shipped_base_folder, shipped_recipe
+
+    config = record.get("config") or {}
+    wanted = resolve_config(cfg)
+    if config.get("base_steps") is not None and config["base_steps"] != wanted.base_steps:
+        return f"its base was trained {config['base_steps']} steps, the cell's base {wanted.base_steps}"
+    name = pretrained_base(wanted)
+    if name is None or shipped_base_folder(name) is None:
+        return None
+    measured = (record.get("base") or {}).get("hash")
+    shipped = shipped_recipe(name).get("weights_hash")
+    if measured and shipped and measured != shipped:
+        return f"its base {name!r} had weights {measured}, the shipped one has {shipped}"
+    return None
+
+
+def finished_fid(run_dir: Path, cfg: RunConfig | None = None) -> float | None:
+    """The FID of the ok record of the training run in ``run_dir`` (nan without one), None when unfinished
+    (or, given the cell's ``cfg``, when the record was measured from another base: :func:`other_base`)."""
     try:
         record = json.loads((run_dir / RECORD_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if record_problem(record) is not None or record.get("status") != "ok" or not is_primary(record):
+        return None
+    if cfg is not None and other_base(record, cfg) is not None:
         return None
     fid = (record.get("metrics") or {}).get("fid")
     return float(fid) if isinstance(fid, (int, float)) else math.nan

@@ -165,7 +165,7 @@ class CellJob(submitit.helpers.Checkpointable):
             except RunDirBusy as error:
                 decision = {"busy": str(error)}
             else:
-                done = finished_fid(run_dir)
+                done = finished_fid(run_dir, cfg)
                 resume = resume_if_interrupted(cfg).resume
                 decision = {"done": done} if done is not None else {"resume": resume}
         decision = dist.broadcast_object(decision)
@@ -300,7 +300,7 @@ def _job_outcome(job: submitit.Job, cfg: RunConfig) -> CellOutcome:
         last_line = (str(error).strip().splitlines() or [""])[-1]
         reason = f"job {job.job_id}: {type(error).__name__}: {last_line}"
         run_dir = Path(cfg.results_dir) / str(cfg.run_id)
-        done = finished_fid(run_dir)
+        done = finished_fid(run_dir, cfg)
         if done is not None:  # it died after writing its record (in teardown, say): the record stands
             return CellOutcome(None, done, 0.0)
         if resume_if_interrupted(cfg).resume:

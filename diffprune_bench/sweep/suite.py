@@ -38,6 +38,7 @@ from diffprune_bench.sweep.cells import (  # noqa: F401 - CellOutcome, run_cell:
     RunFn,
     default_run,
     is_primary,
+    other_base,
     run_cell,
 )
 from diffprune_bench.sweep.executors import make_executor
@@ -396,8 +397,13 @@ def cell_records(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) ->
 
 
 def cell_results(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> list[dict[str, Any]]:
-    """The cell's ok records of its training run itself (not the variants a run may add)."""
-    return [r for r in cell_records(records, suite, cell) if r.get("status") == "ok" and is_primary(r)]
+    """The cell's ok records of its training run itself (not the variants a run may add), measured from the
+    base the cell starts from today (:func:`~diffprune_bench.sweep.cells.other_base`)."""
+    candidates = [r for r in cell_records(records, suite, cell) if r.get("status") == "ok" and is_primary(r)]
+    if not candidates:
+        return []
+    cfg = suite.cell_config(cell)
+    return [r for r in candidates if other_base(r, cfg) is None]
 
 
 def cell_done(records: Iterable[dict[str, Any]], suite: Suite, cell: Cell) -> bool:
