@@ -15,6 +15,8 @@ the seed-to-seed std (the smaller of the two budgets'). Prints a table, writes
     python benchmarks/bench_base_plateau.py --seeds 0 1 2 --steps 400 600 900 1350 2025 3038
     python benchmarks/bench_base_plateau.py --dataset fashion-mnist --seeds 0 --steps 250 500 1000 2000
     python benchmarks/bench_base_plateau.py --from-csv a.csv b.csv   # one seed per process, combined
+    python benchmarks/bench_base_plateau.py --from-csv short.0.partial.csv long.0.partial.csv  # a longer
+        # run from the last budget of a shorter one: the shared budget counts once (same weights checked)
     python benchmarks/bench_base_plateau.py --dataset fashion-mnist --seeds 0 --steps 1000 2000 \
         --save-dir snapshots/   # also keep every snapshot as a save_pretrained folder (a base to ship)
 
@@ -98,12 +100,27 @@ def main() -> None:
                         help="skip training: combine the CSVs of earlier runs (e.g. one seed each) into one curve")
     args = parser.parse_args()
     if args.from_csv:
-        report(pd.concat([pd.read_csv(path) for path in args.from_csv], ignore_index=True), args)
+        report(combine([pd.read_csv(path) for path in args.from_csv]), args)
         return
     rows = []
     for seed in args.seeds:
         rows += train_and_score(args, seed)
     report(pd.DataFrame(rows), args)
+
+
+def combine(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One curve from the CSVs of several runs; a budget two runs of a seed both scored (a longer run
+    repeating the last budget of a shorter one) counts once, after checking that both runs reached the same
+    weights there: a repeated run that did not would make the curve a mix of two trainings."""
+    table = pd.concat(tables, ignore_index=True)
+    for (seed, steps), runs in table.groupby(["seed", "steps"]):
+        if runs["weights"].nunique() > 1:
+            raise SystemExit(f"seed {seed} at {steps} steps: the runs reached different weights "
+                             f"({', '.join(runs['weights'].unique())}); they are not one training")
+    repeated = table.duplicated(["seed", "steps"])
+    if repeated.any():
+        print(f"{int(repeated.sum())} budget(s) scored by two runs with identical weights: counted once")
+    return table[~repeated].sort_values(["seed", "steps"]).reset_index(drop=True)
 
 
 def train_and_score(args: argparse.Namespace, seed: int) -> list[dict]:

@@ -6,18 +6,20 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_base_plateau.py"
 
 
-def load_plateau_rule():
+def load_plateau_script():
     spec = importlib.util.spec_from_file_location("bench_base_plateau", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.plateau
+    return module
 
 
-plateau_rule = load_plateau_rule()  # the script is loaded once, not once per test
+plateau_module = load_plateau_script()  # the script is loaded once, not once per test
+plateau_rule = plateau_module.plateau
 
 
 def curve(fids_by_seed: dict[int, list[float]], steps: list[int]) -> pd.DataFrame:
@@ -46,3 +48,21 @@ def test_the_plateau_is_where_every_later_step_stays_within_the_seed_spread():
 def test_one_flat_step_followed_by_a_real_drop_is_not_a_plateau():
     table = curve({0: [10.0, 9.9, 5.0, 4.95, 4.9, 4.9], 1: [10.4, 10.2, 5.3, 5.2, 5.2, 5.1]}, STEPS)
     assert plateau_rule(table) == 2250
+
+
+def _scored(seed: int, steps: list[int], fids: list[float], weights: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"seed": seed, "steps": steps, "fid": fids, "weights": weights})
+
+
+def test_a_longer_run_repeating_a_budget_counts_it_once_when_its_weights_agree():
+    short = _scored(0, [5000, 7500], [3.78, 2.75], ["w5000", "w7500"])
+    longer = _scored(0, [7500, 11250], [2.75, 2.30], ["w7500", "w11250"])
+    table = plateau_module.combine([short, longer])
+    assert table["steps"].tolist() == [5000, 7500, 11250] and table["fid"].tolist() == [3.78, 2.75, 2.30]
+
+
+def test_runs_that_reached_other_weights_at_one_budget_are_refused():
+    short = _scored(0, [7500], [2.75], ["w7500"])
+    other = _scored(0, [7500, 11250], [2.61, 2.30], ["different", "w11250"])
+    with pytest.raises(SystemExit, match="seed 0 at 7500 steps: the runs reached different weights"):
+        plateau_module.combine([short, other])
