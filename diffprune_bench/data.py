@@ -497,16 +497,17 @@ register_dataset(
         loader=load_fashion_mnist,
         secondary_extractors=("fashion-mlp",),
         # The base ships with the package (`--base fashion-mnist`, diffprune_bench/bases/fashion-mnist/, seed 0),
-        # so a suite pays only for its cells: 7,500 steps x 64, the longest budget benchmarks/bench_base_plateau.py
-        # measured (two seeds: mean FID 18.9 at 1,000 steps, 4.7 at 3,375, 3.35 at 5,000, 2.60 at 7,500;
-        # results/plots/base_plateau_fashion-mnist.png). 5,000 -> 7,500 still gained 0.75, above the seed std
-        # 0.61, so the plateau is not yet shown. Fine-tunes get 1,000 steps (on digits dense-ft needed ~1,000
-        # to recover from the optimizer restart), scratch methods 2,000: at ~0.24 CPU s per step (one thread)
-        # a scratch cell trains ~8 min, which keeps three seeds of every method near the suite's 6-hour budget.
+        # so a suite pays only for its cells: 16,875 steps x 64, the plateau benchmarks/bench_base_plateau.py
+        # found (two seeds: mean FID 18.9 at 1,000 steps, 2.60 at 7,500, 2.05 at 11,250, 1.50 at 16,875, 1.42 at
+        # 25,312; results/plots/base_plateau_fashion-mnist.png): 16,875 -> 25,312 gains 0.08, under the seed std
+        # 0.14, while every earlier 1.5x step gained more than it. Fine-tunes get 1,000 steps (on digits dense-ft
+        # needed ~1,000 to recover from the optimizer restart), scratch methods 2,000: at ~0.24 CPU s per step
+        # (one thread) a scratch cell trains ~8 min, which keeps three seeds of every method near the suite's
+        # 6-hour budget.
         defaults={
             "preset": "fashion",
             "base": "fashion-mnist",
-            "base_steps": 7500,
+            "base_steps": 16875,
             "finetune_steps": 1000,
             "scratch_steps": 2000,
             "batch_size": 64,

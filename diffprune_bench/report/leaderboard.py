@@ -408,16 +408,18 @@ def build(records: list[dict[str, Any]], suites: list[str] | None = None,
 
 
 def warn_mixed_bases(records: list[dict[str, Any]]) -> None:
-    """One warning line per suite, dataset and seed whose ok records come from more than one base: their
-    rows would be compared with controls measured on another base (a base replaced mid-suite, records of
-    the old one left beside the new). The sweep reruns such cells; the stale records must go."""
-    bases: dict[tuple[Any, Any, Any], Counter[str]] = defaultdict(Counter)
+    """One warning line per suite, dataset, seed and base budget whose ok records come from more than one
+    trained base: they share a table, so rows would be compared with controls measured on another base (a
+    base trained again by other code or on another thread count, records of the old one left beside the new).
+    A named base (shipped or pretrained) needs no warning: its weights' hash is part of its table's key."""
+    bases: dict[tuple[Any, ...], Counter[str]] = defaultdict(Counter)
     for record in records:
+        config = record.get("config") or {}
         weights = (record.get("base") or {}).get("hash")
-        if weights and record.get("status") == "ok":
-            dataset = (record.get("config") or {}).get("dataset", record.get("dataset"))
-            bases[(record.get("suite"), dataset, record.get("seed"))][str(weights)] += 1
-    for (suite, dataset, seed), counts in sorted(bases.items(), key=str):
+        if weights and record.get("status") == "ok" and config.get("base") in (None, "", TRAIN_KEYWORD):
+            key = (record.get("suite"), config.get("dataset", record.get("dataset")), record.get("seed"))
+            bases[(*key, config.get("base_steps"))][str(weights)] += 1
+    for (suite, dataset, seed, _), counts in sorted(bases.items(), key=str):
         if len(counts) > 1:
             found = ", ".join(f"{weights} ({n} records)" for weights, n in counts.most_common())
             warn(f"suite {suite}, {dataset} seed {seed}: records from {len(counts)} different bases ({found}); "
