@@ -150,7 +150,7 @@ def test_submitit_local_jobs_run_dense_first_and_a_killed_job_resumes_in_the_nex
         suite, {"results_dir": str(runs)}, run_fn=job_run, progress=False, log=quiet, cluster=cluster)))
     thread.start()
     checkpoint = stalled / "checkpoint" / CHECKPOINT_NAME
-    wait_for(lambda: checkpoint.is_file() and holder(stalled), 120, "a checkpoint")
+    wait_for(lambda: checkpoint.is_file() and holder(stalled), 600, "a checkpoint")
     os.kill(holder(stalled)["pid"], signal.SIGKILL)
     thread.join(timeout=120)
     result = outcome["result"]
@@ -190,7 +190,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(
     thread = threading.Thread(target=lambda: outcome.setdefault("result", sweep(
         suite, overrides, progress=False, log=quiet, cluster=cluster)))
     thread.start()
-    wait_for(lambda: (cell_dir / "checkpoint" / CHECKPOINT_NAME).is_file(), 300, "the first checkpoint")
+    wait_for(lambda: (cell_dir / "checkpoint" / CHECKPOINT_NAME).is_file(), 600, "the first checkpoint")
     first = holder(cell_dir)["pid"]
     os.kill(first, signal.SIGUSR2)
     thread.join(timeout=600)
