@@ -11,7 +11,7 @@ from test_suite import suite_data, toy_method  # noqa: F401 - the fixture regist
 from diffprune_bench.config import make_config
 from diffprune_bench.data import get_dataset_spec
 from diffprune_bench.harness import resolve_config
-from diffprune_bench.results import write_record
+from diffprune_bench.results import load_records, write_record
 from diffprune_bench.shipped_bases import shipped_recipe
 from diffprune_bench.sweep.cells import finished_fid, other_base
 from diffprune_bench.sweep.suite import Cell, cell_done, parse_suite, sweep
@@ -42,17 +42,17 @@ def test_a_changed_default_base_budget_reruns_every_cell(toy_method, tmp_path, m
     sweep(suite, overrides, run_fn=first, progress=False, log=lambda _: None)
     cells = len(suite.cells())  # the toy method at 0.5 and the dense reference, two seeds
     assert len(first.calls) == cells == 4
-    records = list(first.calls)
+    first_configs = list(first.calls)
     cell = Cell("digits", "toy-method", 0.5, 0)
     assert cell_done(_records(tmp_path), suite, cell)
 
-    defaults = dict(get_dataset_spec("digits").defaults)
-    monkeypatch.setitem(get_dataset_spec("digits").defaults, "base_steps", defaults["base_steps"] * 2)
+    defaults = get_dataset_spec("digits").defaults
+    monkeypatch.setitem(defaults, "base_steps", defaults["base_steps"] * 2)
     assert not cell_done(_records(tmp_path), suite, cell)
     second = ResolvedRun()
     result = sweep(suite, overrides, run_fn=second, progress=False, log=lambda _: None)
     assert len(second.calls) == cells and not result.skipped
-    assert {c.run_id for c in second.calls} == {c.run_id for c in records}  # same folders, run again
+    assert {c.run_id for c in second.calls} == {c.run_id for c in first_configs}  # same folders, run again
     # the records now say the new budget: the next sweep skips them
     third = ResolvedRun()
     assert len(sweep(suite, overrides, run_fn=third, progress=False, log=lambda _: None).skipped) == cells
@@ -60,8 +60,6 @@ def test_a_changed_default_base_budget_reruns_every_cell(toy_method, tmp_path, m
 
 
 def _records(tmp_path: Path) -> list[dict]:
-    from diffprune_bench.results import load_records
-
     return load_records(tmp_path / "runs")
 
 

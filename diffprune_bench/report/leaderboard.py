@@ -108,11 +108,17 @@ def method_traits(record: dict[str, Any]) -> tuple[bool, bool]:
     return cls.is_baseline, cls.takes_sparsity
 
 
+def _named_base(config: dict[str, Any]) -> bool:
+    """Whether the run loaded a pretrained or shipped base by its name (one for every seed), rather than
+    training and caching its own (one per seed)."""
+    return config.get("base") not in (None, "", TRAIN_KEYWORD)
+
+
 def _budget(config: dict[str, Any], base_weights: str | None = None) -> str:
-    """The training budget that defines a table. A named base (pretrained or shipped, one for every seed) is
-    named with its weights' hash: a shipped base replaced by a longer-trained one makes another table, never
-    one table whose rows were measured from two bases."""
-    named = config.get("base") not in (None, "", TRAIN_KEYWORD)  # a pretrained or shipped base, by its name
+    """The training budget that defines a table. A named base is named with its weights' hash: a shipped
+    base replaced by a longer-trained one makes another table, never one table whose rows were measured from
+    two bases."""
+    named = _named_base(config)
     weights = f" (weights {base_weights})" if named and base_weights else ""
     base = f"base {config['base']}{weights}" if named else f"base {config.get('base_steps')} steps"
     scratch = config.get("scratch_steps")
@@ -416,7 +422,7 @@ def warn_mixed_bases(records: list[dict[str, Any]]) -> None:
     for record in records:
         config = record.get("config") or {}
         weights = (record.get("base") or {}).get("hash")
-        if weights and record.get("status") == "ok" and config.get("base") in (None, "", TRAIN_KEYWORD):
+        if weights and record.get("status") == "ok" and not _named_base(config):
             key = (record.get("suite"), config.get("dataset", record.get("dataset")), record.get("seed"))
             bases[(*key, config.get("base_steps"))][str(weights)] += 1
     for (suite, dataset, seed, _), counts in sorted(bases.items(), key=str):
