@@ -225,7 +225,11 @@ def test_variants_of_one_training_run_get_their_own_rows_and_a_dashed_line(recor
 
 def test_write_leaderboard_files_and_plots(records_dir, tmp_path):
     out = tmp_path / "out"
+    (out / "plots").mkdir(parents=True)
+    stale, foreign = out / "plots" / "fid_vs_macs_an-old-table.png", out / "plots" / "base_plateau.png"
+    stale.write_bytes(b"old"), foreign.write_bytes(b"a benchmark's")
     written = lb.write_leaderboard(records_dir, out)
+    assert not stale.exists() and foreign.read_bytes() == b"a benchmark's"  # only its own old figures go
     markdown = (out / "leaderboard.md").read_text()
     assert markdown.startswith("# Leaderboard") and "| dense " in markdown
     csv = pd.read_csv(out / "leaderboard.csv")

@@ -161,8 +161,14 @@ def pairwise_heatmap(group: Group, comparison: TargetComparison) -> plt.Figure:
     return fig
 
 
+#: the per-table figures :func:`write_plots` owns in its folder (other files there, e.g. benchmark plots, are kept)
+TABLE_PLOT_PATTERNS = ("fid_vs_macs_*", "fid_vs_sparsity_*", "samples_s*_*", "pairwise_*")
+
+
 def write_plots(board: Leaderboard, folder: str | Path) -> dict[str, list[Path]]:
-    """Every figure of every leaderboard table; returns the written paths by table slug."""
+    """Every figure of every leaderboard table; returns the written paths by table slug. Figures of tables
+    this board no longer has (a table key that changed, a suite left out) are removed, so the folder never
+    keeps a plot the rendered leaderboard does not show."""
     folder = Path(folder)
     written: dict[str, list[Path]] = {}
     for group in board.groups:
@@ -190,4 +196,8 @@ def write_plots(board: Leaderboard, folder: str | Path) -> dict[str, list[Path]]
             paths += _save(pairwise_heatmap(group, comparison), folder,
                            f"pairwise_{group.slug}_s{comparison.target:g}", ("png",))
         written[group.slug] = paths
+    current = {path for paths in written.values() for path in paths}
+    for pattern in TABLE_PLOT_PATTERNS:
+        for stale in set(folder.glob(pattern)) - current:
+            stale.unlink()
     return written
