@@ -182,3 +182,35 @@ def test_run_draws_refuse_another_reference_seed_or_sample_count(data):
         paired_fid_delta({1: draws}, {1: controls[1]}, ref)  # computed on seed 0's index sets
     with pytest.raises(BenchError, match="cannot serve"):
         paired_kid_delta({0: draws}, {0: controls[0][:100]}, ref)  # the pair shares only 100 samples
+
+
+def test_draws_against_the_same_reference_computed_on_another_cpu_serve_the_table(data, tmp_path):
+    """A reference recomputed on another machine differs in float32 rounding (digest differs, FID agrees to
+    ~1e-7): the table takes one reference and aliases the rounded copies, so draws committed against a copy
+    still serve; a reference that really differs is not aliased and is still refused."""
+    import pandas as pd
+
+    from diffprune_bench.errors import BenchError
+    from diffprune_bench.report.compare import FeatureStore, _reference
+
+    ref, rows, controls = data
+    rng = np.random.default_rng(1)
+    rounded = Reference(ref.mu + rng.normal(scale=2e-8, size=ref.mu.shape), ref.sigma + 2e-8, ref.features)
+    far = Reference(ref.mu + 1e-3, ref.sigma, ref.features)
+    assert rounded.digest != ref.digest and ref.same_statistics(rounded) and not ref.same_statistics(far)
+    files = {}
+    for name, reference in {"here": ref, "there": rounded, "far": far}.items():
+        files[name] = str(tmp_path / f"{name}.npz")
+        np.savez(files[name], mu=reference.mu, sigma=reference.sigma)
+    draws_there = RunDraws.compute(rows[0], rounded, 0, 120)  # committed by the other machine
+
+    table_reference = _reference(pd.DataFrame({"ref": [files["here"], files["there"]]}), "ref", FeatureStore())
+    assert table_reference.digest == ref.digest and rounded.digest in table_reference.aliases
+    served = paired_fid_delta({0: draws_there}, {0: controls[0]}, table_reference)
+    exact = paired_fid_delta({0: rows[0]}, {0: controls[0]}, ref)
+    assert served.per_seed[0] == pytest.approx(exact.per_seed[0], abs=1e-6)
+
+    apart = _reference(pd.DataFrame({"ref": [files["here"], files["far"]]}), "ref", FeatureStore())
+    assert far.digest not in apart.aliases
+    with pytest.raises(BenchError, match="cannot serve"):
+        paired_fid_delta({0: RunDraws.compute(rows[0], far, 0, 120)}, {0: controls[0]}, apart)

@@ -212,8 +212,16 @@ class TableStatistics:
 
 
 def _reference(runs: pd.DataFrame, column: str, store: FeatureStore) -> Reference | None:
-    paths = runs[column] if column in runs.columns else pd.Series(dtype=str)
-    return next((store.reference(p) for p in paths if isinstance(p, str) and store.reference(p) is not None), None)
+    """The table's reference in one feature space: the first of its runs' references that carries per-image
+    features (KID needs them), else the first; the others that are the same statistics computed on another
+    machine become its aliases, so draws committed against them still serve (:meth:`Reference.same_statistics`)."""
+    paths = runs[column].dropna().unique() if column in runs.columns else []
+    found = [r for r in (store.reference(p) for p in paths if isinstance(p, str)) if r is not None]
+    if not found:
+        return None
+    chosen = next((r for r in found if r.features is not None), found[0])
+    chosen.aliases.update(r.digest for r in found if r.digest != chosen.digest and chosen.same_statistics(r))
+    return chosen
 
 
 def add_comparisons(table: pd.DataFrame, runs: pd.DataFrame, base_steps: int | None,
