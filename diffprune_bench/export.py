@@ -29,6 +29,7 @@ from torch import nn
 
 from diffprune_bench.diffusion import make_sampler_scheduler
 from diffprune_bench.filemodes import atomic_write_text, honour_umask
+from diffprune_bench.saving import save_pretrained_portable
 
 PIPELINE_CLASS = "DDIMPipeline"
 
@@ -55,7 +56,7 @@ def export_pipeline(model: nn.Module, folder: str | Path, sample_steps: int, spa
     folder = Path(folder)
     component = unet_component(model)
     unet_dir = folder / "unet"
-    model.save_pretrained(unet_dir)
+    save_pretrained_portable(model, unet_dir)
     for name, source in portable_sources(model).items():
         shutil.copyfile(source, unet_dir / name)
     scheduler, _ = make_sampler_scheduler(sample_steps, spacing)  # quad: leading (see the module docstring)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffprune_bench.filemodes import honour_umask
+from diffprune_bench.saving import save_pretrained_portable
 
 #: where the shipped bases live (package data: ``bases/*/*``)
 BASES_DIR = Path(__file__).with_name("bases")
@@ -61,7 +62,7 @@ def write_shipped_base(model: Any, name: str, recipe: dict[str, Any], bases_dir:
     folder = root / name
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_pretrained_portable(model, tmp)
     (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     honour_umask(tmp)  # safetensors writes its files 0600
     shutil.rmtree(folder, ignore_errors=True)

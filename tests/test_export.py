@@ -175,3 +175,14 @@ def test_step_aware_unet_maps_each_timestep_to_its_width() -> None:
     assert model.width_for(timesteps[0] + 3) == SCHEDULE[0]  # an unlisted timestep: the nearest listed one
     with pytest.raises(ValueError, match="one width per timestep"):
         StepAwareUNet2DModel(width_schedule=[1.0], schedule_timesteps=[], **build_model("tiny", seed=0).config)
+
+
+def test_an_export_of_a_loaded_model_names_no_local_folder(tmp_path: Path) -> None:
+    """diffusers remembers where a model was loaded from (``_name_or_path``); the export must not carry it."""
+    build_model("tiny", seed=0).save_pretrained(tmp_path / "local-base")
+    loaded = UNet2DModel.from_pretrained(tmp_path / "local-base")
+    assert str(loaded.config._name_or_path) == str(tmp_path / "local-base")
+    export_pipeline(loaded, tmp_path / "model", STEPS, "leading")
+    text = (tmp_path / "model" / "unet" / "config.json").read_text()
+    assert "_name_or_path" not in json.loads(text) and "local-base" not in text
+    assert UNet2DModel.from_pretrained(tmp_path / "model" / "unet").config.sample_size == loaded.config.sample_size

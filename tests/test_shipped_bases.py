@@ -92,6 +92,16 @@ def test_the_shipped_fashion_base_matches_its_recipe_and_preset():
     assert recipe["retrain"].startswith("diffbench run --method dense --dataset fashion-mnist --base train")
 
 
+def test_a_shipped_base_names_no_folder_it_came_from(tmp_path):
+    """A base shipped from a snapshot folder must not publish that folder (diffusers' ``_name_or_path``)."""
+    build_model("tiny", seed=7).save_pretrained(tmp_path / "snapshots" / "toy-steps100")
+    snapshot, _ = load_pretrained_with_info(str(tmp_path / "snapshots" / "toy-steps100"), "tiny")
+    folder = write_shipped_base(snapshot, "toy", RECIPE, tmp_path / "bases")
+    assert "snapshots" not in (folder / "config.json").read_text()
+    shipped = json.loads((shipped_bases.BASES_DIR / "fashion-mnist" / "config.json").read_text())
+    assert "_name_or_path" not in shipped and shipped["sample_size"] == 28
+
+
 def test_cli_help_names_the_train_keyword():
     result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert "`train` trains one" in result.output
