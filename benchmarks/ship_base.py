@@ -24,7 +24,7 @@ import diffprune_bench
 from diffprune_bench.base_model import BaseModel, base_cache_key, get_base_model
 from diffprune_bench.config import RunConfig, make_config
 from diffprune_bench.data import DataBundle, load_dataset
-from diffprune_bench.evaluator import Evaluator
+from diffprune_bench.evaluator import Evaluator, cpu_description
 from diffprune_bench.harness import fixed_threads, resolve_config
 from diffprune_bench.metrics.fid import fid_from_features
 from diffprune_bench.models import load_pretrained_with_info, weights_hash
@@ -71,7 +71,8 @@ def ship(args: argparse.Namespace) -> None:
         "weights_hash": weights_hash(model),
         "fid": {"value": round(fid, 6), "extractor": cfg.fid_extractor, "num_samples": cfg.num_samples,
                 "sample_steps": cfg.sample_steps, "noise_seed": cfg.seed},
-        "trained_with": {"diffprune_bench": diffprune_bench.__version__, "torch": torch.__version__},
+        "trained_with": {"diffprune_bench": diffprune_bench.__version__, "torch": torch.__version__,
+                         "cpu": cpu_description()},
         "retrain": (f"diffbench run --method dense --dataset {cfg.dataset} --base {TRAIN_KEYWORD} "
                     f"--base-steps {cfg.base_steps} --seed {cfg.seed}"),
     }
@@ -97,6 +98,9 @@ def verify(args: argparse.Namespace) -> None:
     print(f"retrained {args.dataset}: weights {'identical' if same else 'differ'} "
           f"({weights_hash(model)} vs {recipe['weights_hash']}); FID {fid:.4f} vs shipped "
           f"{recipe['fid']['value']:.4f} (difference {fid - recipe['fid']['value']:+.4f})")
+    shipped_cpu = recipe["trained_with"].get("cpu", "not recorded")
+    print(f"CPU here: {cpu_description()}; the shipped base's: {shipped_cpu} (weights repeat bit for bit only "
+          "where the kernels match)")
 
 
 def main() -> None:

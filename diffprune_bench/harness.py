@@ -29,7 +29,7 @@ from diffprune_bench.context import MethodContext
 from diffprune_bench.data import get_dataset_spec, load_dataset
 from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
-from diffprune_bench.evaluator import FEATURES_NAME, SAMPLES_NAME, Evaluator, device_name
+from diffprune_bench.evaluator import FEATURES_NAME, SAMPLES_NAME, Evaluator, cpu_description, device_name
 from diffprune_bench.export import export_pipeline
 from diffprune_bench.metrics.fid import resolve_inception_weights
 from diffprune_bench.metrics.latency import MachineLock
@@ -180,7 +180,8 @@ def _run_validated(cfg: RunConfig) -> list[dict[str, Any]]:
         "seed": cfg.seed,
         "suite": cfg.suite,
         "device": {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "platform": platform.platform(), **dist.describe()},
+                   "torch": torch.__version__, "platform": platform.platform(), "cpu": cpu_description(),
+                   **dist.describe()},
         "config": cfg.to_dict(),
         "paths": {"run_dir": str(run_dir)},
     }

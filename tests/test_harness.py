@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from diffprune_bench import harness, registry
 from diffprune_bench.cli import app
+from diffprune_bench.evaluator import cpu_description, device_name
 from diffprune_bench.results import load_records
 
 
@@ -50,6 +51,18 @@ def test_dense_run_writes_a_complete_record(tiny_config):
     assert on_disk["base"]["hash"] and on_disk["training"]["optimizer_steps"] == 30
     assert (run_dir / "samples.png").stat().st_size > 0 and (run_dir / "config.yaml").is_file()
     assert (run_dir / "model" / "unet" / "config.json").is_file() and (run_dir / "model" / "model_index.json").is_file()
+    # which CPU ran it (model and the kernels' instruction set): what decides whether a re-run repeats bit for bit
+    assert on_disk["device"]["cpu"] == {"model": cpu_description()["model"],
+                                        "capability": torch.backends.cpu.get_cpu_capability()}
+    cpuinfo = Path("/proc/cpuinfo")
+    named = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    assert on_disk["device"]["cpu"]["model"] == (named[0] if named else cpu_description()["model"]) != ""
+
+
+def test_a_cuda_device_is_named_by_its_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Test GPU {device}")
+    assert device_name(torch.device("cuda", 0)) == "Test GPU cuda:0"
 
 
 def test_second_run_reuses_the_cached_base(tiny_config, monkeypatch):
