@@ -24,8 +24,9 @@ import diffprune_bench
 from diffprune_bench.base_model import BaseModel, base_cache_key, get_base_model
 from diffprune_bench.config import RunConfig, make_config
 from diffprune_bench.data import DataBundle, load_dataset
-from diffprune_bench.evaluator import Evaluator, cpu_description
+from diffprune_bench.evaluator import Evaluator
 from diffprune_bench.harness import fixed_threads, resolve_config
+from diffprune_bench.machine import cpu_description
 from diffprune_bench.metrics.fid import fid_from_features
 from diffprune_bench.models import load_pretrained_with_info, weights_hash
 from diffprune_bench.registry import Deployable

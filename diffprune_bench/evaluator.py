@@ -22,6 +22,7 @@ from diffprune_bench.code_digest import code_digest
 from diffprune_bench.config import RunConfig
 from diffprune_bench.data import DataBundle, image_batches
 from diffprune_bench.diffusion import ddim_sample, initial_noise, sampler_protocol
+from diffprune_bench.machine import device_name
 from diffprune_bench.metrics.consistency import mean_ssim
 from diffprune_bench.metrics.fid import (
     FeatureExtractor,
@@ -245,30 +246,6 @@ class Evaluator:
             "speedup": latency["speedup"],
             "speedup_ci": latency["speedup_ci"],
         }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def cpu_description() -> dict[str, str]:
-    """The CPU's model name and the vector instruction set torch's kernels use on it.
-
-    A run repeats bit for bit only on a CPU whose kernels reduce floats in the same order (the same
-    capability, in practice the same model); elsewhere training amplifies last-bit differences into other
-    weights. Records carry this so a reader can tell which of two differing runs should have agreed."""
-    model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Processor", "cpu model"):
-                model = value.strip()
-                break
-    return {"model": model or platform.processor() or platform.machine(),
-            "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def save_samples_uint8(path: Path, samples: torch.Tensor) -> None:

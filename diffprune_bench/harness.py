@@ -29,8 +29,9 @@ from diffprune_bench.context import MethodContext
 from diffprune_bench.data import get_dataset_spec, load_dataset
 from diffprune_bench.distributed import current as current_distributed
 from diffprune_bench.errors import BenchError
-from diffprune_bench.evaluator import FEATURES_NAME, SAMPLES_NAME, Evaluator, cpu_description, device_name
+from diffprune_bench.evaluator import FEATURES_NAME, SAMPLES_NAME, Evaluator
 from diffprune_bench.export import export_pipeline
+from diffprune_bench.machine import cpu_description, device_name
 from diffprune_bench.metrics.fid import resolve_inception_weights
 from diffprune_bench.metrics.latency import MachineLock
 from diffprune_bench.models import build_model, check_data_fits

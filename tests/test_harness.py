@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from diffprune_bench import harness, registry
 from diffprune_bench.cli import app
-from diffprune_bench.evaluator import cpu_description, device_name
+from diffprune_bench.machine import cpu_description, device_name
 from diffprune_bench.results import load_records
 
 
